@@ -22,7 +22,7 @@ pub enum ErrorCode {
     AlreadyExists,
     /// The provider's capabilities do not include this operation; `op` names it.
     Unsupported,
-    /// The request is malformed: a bad name, a bad page token, a duplicate id.
+    /// The request is malformed: a bad name or prefix, a bad page token.
     InvalidRequest,
     /// The value exceeds the provider's declared `max_value_size`.
     TooLarge,
@@ -109,7 +109,7 @@ pub struct ProviderError {
     pub message: String,
     /// Whether the same request may succeed later. Must equal `code`'s retryable class.
     pub retryable: bool,
-    /// For `Unsupported`: the operation that is not supported. Otherwise absent.
+    /// For `Unsupported`: the operation that is not supported. Otherwise null.
     pub op: Option<OpKind>,
 }
 

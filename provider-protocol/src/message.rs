@@ -30,7 +30,7 @@ pub enum Op {
     Resolve {
         /// The secret's name.
         name: String,
-        /// A version to pin, as returned by an earlier operation; absent means current.
+        /// A version to pin, as returned by an earlier operation; null means current.
         version: Option<String>,
     },
     /// Write a new secret, or a new version of an existing one. Answer: [`Reply::Stored`].
@@ -67,7 +67,7 @@ pub enum Op {
     List {
         /// Only names starting with this prefix (byte-wise).
         prefix: String,
-        /// The `next_page` token of the previous page; absent for the first page.
+        /// The `next_page` token of the previous page; null for the first page.
         page: Option<String>,
         /// Largest number of entries wanted; 0 means the provider's default.
         limit: u32,
@@ -238,7 +238,7 @@ pub enum Reply {
     Listed {
         /// The entries of this page, in ascending byte order of name.
         entries: Vec<Description>,
-        /// The token for the next page; absent on the last page.
+        /// The token for the next page; null on the last page.
         next_page: Option<String>,
     },
     /// To `Health`.
@@ -261,7 +261,7 @@ pub struct Description {
     pub name: String,
     /// Whether it can be resolved.
     pub state: SecretState,
-    /// The current version; absent when revoked.
+    /// The current version; null when revoked.
     pub current_version: Option<String>,
     /// The versions still kept, oldest first.
     pub versions: Vec<VersionInfo>,

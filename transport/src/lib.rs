@@ -1,0 +1,35 @@
+//! The transport shared by the provider SDK, the gateway and the conformance suite.
+//!
+//! One type per direction touches the bytes: [`FrameReader`] reads whole frames into a zeroizing
+//! buffer and checks the cap before it grows; [`FrameWriter`] batches encoded frames and flushes
+//! them in one write. Around them: private local sockets ([`socket`]), the gateway side of the
+//! handshake and a request multiplexer ([`client`]), and spawning a provider the way the gateway
+//! does ([`spawn`]).
+//!
+//! Everything here is generic over tokio's `AsyncRead`/`AsyncWrite`, so tests can run the same
+//! code over an in-memory duplex pipe.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod client;
+mod framed;
+pub mod socket;
+#[cfg(unix)]
+pub mod spawn;
+
+pub use framed::{FrameReader, FrameWriter, RawFrame, ReadError};
+
+use keyhole_protocol::Token;
+
+/// A fresh one-time token: 32 random bytes as 64 lowercase hex digits.
+pub fn generate_token() -> std::io::Result<Token> {
+    let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
+    getrandom::fill(bytes.as_mut_slice()).map_err(std::io::Error::other)?;
+    Ok(Token::new(hex::encode(bytes.as_slice())))
+}
+
+/// A boxed byte stream half, so connections over sockets and over in-memory pipes share one type.
+pub type BoxRead = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+/// The writing counterpart of [`BoxRead`].
+pub type BoxWrite = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;

@@ -1,0 +1,200 @@
+//! Private local sockets: a Unix domain socket with mode 0600 inside a 0700 directory (a named
+//! pipe on Windows), through the `interprocess` crate.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use interprocess::local_socket::tokio::{Listener, Stream, prelude::*};
+use interprocess::local_socket::{GenericFilePath, ListenerOptions, ToFsName};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::{BoxRead, BoxWrite};
+
+/// The socket file's name inside a private directory: short, because Unix socket paths are
+/// limited to about 100 bytes.
+pub const SOCKET_FILE: &str = "s";
+
+/// A freshly made private directory (0700) for one socket, removed when dropped.
+#[derive(Debug)]
+pub struct PrivateDir {
+    dir: tempfile::TempDir,
+}
+
+impl PrivateDir {
+    /// Creates `kh-XXXXXX` under `$XDG_RUNTIME_DIR` if it is set and usable, else under the
+    /// system temporary directory.
+    pub fn new() -> io::Result<PrivateDir> {
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("kh-");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            builder.permissions(std::fs::Permissions::from_mode(0o700));
+        }
+        Ok(PrivateDir {
+            dir: builder.tempdir_in(base)?,
+        })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The socket path inside it.
+    pub fn socket_path(&self) -> PathBuf {
+        self.dir.path().join(SOCKET_FILE)
+    }
+}
+
+/// Checks that `path`'s parent directory exists, belongs to this user and is not accessible by
+/// group or others; creates it with mode 0700 if it is missing.
+#[cfg(unix)]
+pub fn ensure_private_parent(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)?;
+    }
+    let meta = std::fs::metadata(parent)?;
+    let mode = meta.permissions().mode() & 0o777;
+    if meta.uid() != nix::unistd::geteuid().as_raw() || mode & 0o077 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "socket directory {} must belong to this user with mode 0700 (it has {mode:o}); \
+                 create a private directory for the socket",
+                parent.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Binds a listener at `path` with socket mode 0600. On Unix the parent directory must be
+/// private (see [`ensure_private_parent`]). A stale socket file nobody listens on is replaced; a
+/// live one is an error.
+pub async fn listen(path: &Path) -> io::Result<Listener> {
+    #[cfg(unix)]
+    {
+        ensure_private_parent(path)?;
+        if path.exists() {
+            if connect(path).await.is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{} is already in use by a live listener", path.display()),
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+    }
+    let name = path.to_fs_name::<GenericFilePath>()?;
+    let options = ListenerOptions::new().name(name);
+    #[cfg(unix)]
+    let options = {
+        use interprocess::os::unix::local_socket::ListenerOptionsExt;
+        options.mode(0o600)
+    };
+    options.create_tokio()
+}
+
+/// Connects to the listener at `path`.
+pub async fn connect(path: &Path) -> io::Result<Stream> {
+    let name = path.to_fs_name::<GenericFilePath>()?;
+    Stream::connect(name).await
+}
+
+/// The effective user id of the peer of `stream` (Unix only).
+#[cfg(unix)]
+pub fn peer_uid(stream: &Stream) -> io::Result<u32> {
+    use interprocess::local_socket::traits::StreamCommon;
+    stream
+        .peer_creds()?
+        .euid()
+        .ok_or_else(|| io::Error::other("the peer's user id is not available"))
+}
+
+/// Splits a connected stream into boxed read and write halves that share it.
+pub fn into_halves(stream: Stream) -> (BoxRead, BoxWrite) {
+    let shared = Arc::new(stream);
+    (
+        Box::new(Shared(Arc::clone(&shared))),
+        Box::new(Shared(shared)),
+    )
+}
+
+/// One half of a stream shared through `&Stream`, which implements both directions.
+struct Shared(Arc<Stream>);
+
+impl AsyncRead for Shared {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut &*self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Shared {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut &*self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut &*self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut &*self.0).poll_shutdown(cx)
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[tokio::test]
+    async fn socket_is_0600_in_a_0700_directory() {
+        let dir = PrivateDir::new().unwrap();
+        let path = dir.socket_path();
+        let _listener = listen(&path).await.unwrap();
+        let dir_mode = std::fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777;
+        let sock_mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!((dir_mode, sock_mode), (0o700, 0o600));
+    }
+
+    #[tokio::test]
+    async fn a_shared_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let err = listen(&dir.path().join("s")).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+    }
+
+    #[tokio::test]
+    async fn a_live_socket_is_not_stolen() {
+        let dir = PrivateDir::new().unwrap();
+        let path = dir.socket_path();
+        let _first = listen(&path).await.unwrap();
+        assert!(listen(&path).await.is_err());
+    }
+}
