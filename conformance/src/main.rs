@@ -1,0 +1,115 @@
+//! `keyhole-conformance`: run the suite against a provider binary or a running provider.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use keyhole_conformance::{Encoding, Options, Target};
+
+/// Checks that a keyhole secret provider follows the protocol and its shared semantics.
+///
+/// Spawn mode starts the provider exactly as the gateway does:
+///   keyhole-conformance -- PROVIDER_CMD [ARGS...]
+/// Connect mode checks a provider already listening:
+///   keyhole-conformance --socket PATH --token-file FILE
+#[derive(Parser)]
+#[command(version, verbatim_doc_comment)]
+struct Cli {
+    /// Which encodings to test.
+    #[arg(long, value_enum, default_value_t = Which::All)]
+    encoding: Which,
+    /// Write a JUnit XML report to this file.
+    #[arg(long, value_name = "FILE")]
+    junit: Option<PathBuf>,
+    /// Connect to a provider listening on this socket instead of spawning one.
+    #[arg(long, value_name = "PATH", requires = "token_file", conflicts_with = "command")]
+    socket: Option<PathBuf>,
+    /// The token file of the provider given with --socket.
+    #[arg(long, value_name = "FILE", requires = "socket")]
+    token_file: Option<PathBuf>,
+    /// Deadline of each request in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
+    /// List the case names and exit.
+    #[arg(long)]
+    list: bool,
+    /// The provider command and its arguments (after `--`).
+    #[arg(last = true, value_name = "PROVIDER_CMD")]
+    command: Vec<OsString>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Which {
+    Bincode,
+    Json,
+    All,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.list {
+        for name in keyhole_conformance::case_names() {
+            println!("{name}");
+        }
+        return ExitCode::SUCCESS;
+    }
+    let target = match (&cli.socket, &cli.token_file, cli.command.split_first()) {
+        (Some(path), Some(token_file), None) => match std::fs::read_to_string(token_file) {
+            Ok(text) => Target::Socket {
+                path: path.clone(),
+                token: keyhole_protocol::Token::new(text.trim_end().to_string()),
+            },
+            Err(e) => {
+                eprintln!("error: could not read token file {}: {e}", token_file.display());
+                return ExitCode::from(2);
+            }
+        },
+        (None, None, Some((program, args))) => Target::Spawn {
+            program: program.clone(),
+            args: args.to_vec(),
+        },
+        _ => {
+            eprintln!(
+                "error: give a provider command after `--`, or --socket PATH --token-file FILE\n\
+                 example: keyhole-conformance --encoding all -- keyhole-provider-memory"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let options = Options {
+        encodings: match cli.encoding {
+            Which::Bincode => vec![Encoding::Bincode],
+            Which::Json => vec![Encoding::Json],
+            Which::All => Encoding::ALL.to_vec(),
+        },
+        request_timeout: Duration::from_millis(cli.timeout_ms),
+        ..Options::default()
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: could not start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let report = runtime.block_on(keyhole_conformance::run(&target, &options, |r| println!("{r}")));
+    println!(
+        "\n{} cases in {:.2} s",
+        report.results.len(),
+        report.elapsed.as_secs_f64()
+    );
+    println!("conformance: {}", report.summary());
+    if let Some(path) = &cli.junit {
+        if let Err(e) = std::fs::write(path, report.junit()) {
+            eprintln!("error: could not write {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    }
+    if report.failed() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
