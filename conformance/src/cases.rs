@@ -115,15 +115,28 @@ pub(crate) async fn run_encoding(
     let grace = Duration::from_millis(500);
     let conn = match target::open(target, options.handshake_timeout, encoding, grace).await {
         Ok(conn) => conn,
-        Err(why) => {
-            emit(result(FIRST, encoding, started, fail(why)));
+        Err(e) => {
+            // bincode is optional for providers: when the run covers several encodings, a
+            // provider that declines it is skipped for that pass, not failed.
+            let optional = encoding != Encoding::Json && options.encodings.len() > 1;
+            let (first, rest) = if optional
+                && e.reject == Some(keyhole_protocol::RejectCode::NoCommonEncoding)
+            {
+                let why = format!("the provider does not speak {encoding} (optional)");
+                (Err(Miss::Skip(why.clone())), Miss::Skip(why))
+            } else {
+                (
+                    fail(e.message),
+                    Miss::Fail("not run: the handshake failed".into()),
+                )
+            };
+            emit(result(FIRST, encoding, started, first));
             for name in ALL.iter().map(|c| c.name).chain(FINAL.iter().copied()) {
-                emit(result(
-                    name,
-                    encoding,
-                    Instant::now(),
-                    fail("not run: the handshake failed"),
-                ));
+                let rest = match &rest {
+                    Miss::Fail(s) => Miss::Fail(s.clone()),
+                    Miss::Skip(s) => Miss::Skip(s.clone()),
+                };
+                emit(result(name, encoding, Instant::now(), Err(rest)));
             }
             return;
         }
@@ -412,7 +425,8 @@ async fn store_round_trip(ctx: &Ctx<'_>) -> Verdict {
     let max = ctx.caps.max_value_size as usize;
     let mut max_value = ctx.secret("max").expose().to_vec();
     max_value.resize(max, 0xA5);
-    let all_bytes: Vec<u8> = (0..=255u8).collect();
+    let mut all_bytes: Vec<u8> = (0..=255u8).collect();
+    all_bytes.truncate(max);
     let values = [
         ("an empty value", SecretBytes::new(Vec::new())),
         ("one byte", SecretBytes::new(vec![0])),

@@ -45,9 +45,8 @@ impl Default for Options {
 
 /// Names of every case, in the order they run (each runs once per encoding).
 pub fn case_names() -> Vec<&'static str> {
-    cases::ALL
-        .iter()
-        .map(|c| c.name)
+    std::iter::once(cases::FIRST)
+        .chain(cases::ALL.iter().map(|c| c.name))
         .chain(cases::FINAL.iter().copied())
         .collect()
 }

@@ -106,14 +106,26 @@ pub(crate) async fn attempt(
     })
 }
 
+/// Why the standard handshake failed: the provider's reject code, if it sent one, and the
+/// whole story for the report.
+pub(crate) struct OpenError {
+    pub reject: Option<keyhole_protocol::RejectCode>,
+    pub message: String,
+}
+
 /// Opens a connection and completes a standard handshake in `encoding`.
 pub(crate) async fn open(
     target: &Target,
     deadline: Duration,
     encoding: keyhole_protocol::Encoding,
     grace: Duration,
-) -> Result<Conn, String> {
-    let attempt = attempt(target, deadline, |token| HelloOptions::new(token, encoding)).await?;
+) -> Result<Conn, OpenError> {
+    let attempt = attempt(target, deadline, |token| HelloOptions::new(token, encoding))
+        .await
+        .map_err(|message| OpenError {
+            reject: None,
+            message,
+        })?;
     match attempt.result {
         Ok((reader, writer, ack)) => {
             let (tx, rx) = mpsc::unbounded_channel();
@@ -126,6 +138,10 @@ pub(crate) async fn open(
             })
         }
         Err(e) => {
+            let reject = match &e {
+                HandshakeError::Rejected(r) => Some(r.code),
+                _ => None,
+            };
             let stderr = match attempt.process {
                 Some(mut p) => {
                     p.kill().await;
@@ -138,7 +154,10 @@ pub(crate) async fn open(
                 }
                 None => String::new(),
             };
-            Err(format!("{e}{stderr}"))
+            Err(OpenError {
+                reject,
+                message: format!("{e}{stderr}"),
+            })
         }
     }
 }

@@ -20,4 +20,4 @@ pub mod testing;
 pub use cli::{ServeArgs, ServeMode, main, serve, init_tracing};
 pub use keyhole_protocol as protocol;
 pub use provider::{Page, Provider, Resolved, StoreRequest, WatchChange};
-pub use serve::{ConnectionEnd, ServeOptions, serve_connection};
+pub use serve::{ConnectionEnd, ServeOptions, dispatch, serve_connection};

@@ -326,14 +326,10 @@ impl<'a, P: Provider> Session<'a, P> {
         if timeout_ms == 0 {
             return Err(deadline_exceeded());
         }
-        let kind = op.kind();
-        if !self.declared(kind) {
-            return Err(ProviderError::unsupported(kind));
-        }
-        check_op(&op, self.capabilities.max_value_size)?;
+        check_request(&self.capabilities, &op)?;
         let provider = self.provider;
         let deadline = Duration::from_millis(u64::from(timeout_ms));
-        tracing::debug!(id, op = %kind, "request");
+        tracing::debug!(id, op = %op.kind(), "request");
         if let Op::Watch { prefix } = op {
             return Ok(Box::pin(async move {
                 Done::Watch(id, with_deadline(deadline, provider.watch(&prefix)).await)
@@ -344,9 +340,36 @@ impl<'a, P: Provider> Session<'a, P> {
             Done::Answer(id, outcome.into())
         }))
     }
+}
 
-    fn declared(&self, kind: OpKind) -> bool {
-        let c = &self.capabilities;
+/// Runs one operation the way the serve loop does, minus deadlines and concurrency: the
+/// capability check (`Unsupported`), name and size checks (`InvalidRequest`, `TooLarge`), then
+/// the provider's method. For authors who drive a provider from a loop of their own.
+/// `Watch`, `Cancel` and `Goodbye` belong to the loop and answer `InvalidRequest` here.
+pub async fn dispatch<P: Provider>(
+    provider: &P,
+    capabilities: &keyhole_protocol::Capabilities,
+    op: Op,
+) -> Result<Reply, ProviderError> {
+    check_request(capabilities, &op)?;
+    match op {
+        Op::Watch { .. } | Op::Cancel { .. } | Op::Goodbye {} => Err(ProviderError::new(
+            ErrorCode::InvalidRequest,
+            "watch, cancel and goodbye are handled by the connection loop",
+        )),
+        op => perform(provider, op).await,
+    }
+}
+
+fn check_request(capabilities: &keyhole_protocol::Capabilities, op: &Op) -> Result<(), ProviderError> {
+    let kind = op.kind();
+    if !declared(capabilities, kind) {
+        return Err(ProviderError::unsupported(kind));
+    }
+    check_op(op, capabilities.max_value_size)
+}
+
+fn declared(c: &keyhole_protocol::Capabilities, kind: OpKind) -> bool {
         match kind {
             OpKind::Store => c.store,
             OpKind::Rotate => c.rotate,
@@ -359,7 +382,6 @@ impl<'a, P: Provider> Session<'a, P> {
             | OpKind::Cancel
             | OpKind::Goodbye => true,
         }
-    }
 }
 
 /// A watch's changes, tagged with the watch's request id.
