@@ -6,16 +6,16 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use keyhole_protocol::{
-    Change, DEFAULT_MAX_FRAME, Encoding, ErrorCode, FrameHeader, HealthStatus, Op, OpKind,
-    Outcome, Reply, SecretBytes, SecretState, Token, encode,
+    Change, DEFAULT_MAX_FRAME, Encoding, ErrorCode, FrameHeader, HealthStatus, Op, OpKind, Outcome,
+    Reply, SecretBytes, SecretState, Token, encode,
 };
 use keyhole_transport::client::{CallError, HandshakeError, HelloOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::Options;
 use crate::ctx::{Ctx, Miss, Verdict, ensure, fail};
 use crate::report::{CaseResult, Status};
 use crate::target::{self, Target};
-use crate::Options;
 
 type BoxFut<'c> = Pin<Box<dyn Future<Output = Verdict> + 'c>>;
 
@@ -119,17 +119,16 @@ pub(crate) async fn run_encoding(
             // bincode is optional for providers: when the run covers several encodings, a
             // provider that declines it is skipped for that pass, not failed.
             let optional = encoding != Encoding::Json && options.encodings.len() > 1;
-            let (first, rest) = if optional
-                && e.reject == Some(keyhole_protocol::RejectCode::NoCommonEncoding)
-            {
-                let why = format!("the provider does not speak {encoding} (optional)");
-                (Err(Miss::Skip(why.clone())), Miss::Skip(why))
-            } else {
-                (
-                    fail(e.message),
-                    Miss::Fail("not run: the handshake failed".into()),
-                )
-            };
+            let (first, rest) =
+                if optional && e.reject == Some(keyhole_protocol::RejectCode::NoCommonEncoding) {
+                    let why = format!("the provider does not speak {encoding} (optional)");
+                    (Err(Miss::Skip(why.clone())), Miss::Skip(why))
+                } else {
+                    (
+                        fail(e.message),
+                        Miss::Fail("not run: the handshake failed".into()),
+                    )
+                };
             emit(result(FIRST, encoding, started, first));
             for name in ALL.iter().map(|c| c.name).chain(FINAL.iter().copied()) {
                 let rest = match &rest {
@@ -152,7 +151,9 @@ pub(crate) async fn run_encoding(
                 ctx.set_case(case.name);
                 tokio::time::timeout(CASE_DEADLINE, (case.run)(&ctx))
                     .await
-                    .unwrap_or_else(|_| fail(format!("the case took longer than {CASE_DEADLINE:?}")))
+                    .unwrap_or_else(|_| {
+                        fail(format!("the case took longer than {CASE_DEADLINE:?}"))
+                    })
             }
         };
         emit(result(case.name, encoding, started, verdict));
@@ -162,7 +163,12 @@ pub(crate) async fn run_encoding(
 
 fn check_ack(ctx: &Ctx<'_>) -> Verdict {
     let ack = ctx.conn.client.ack();
-    ensure!(ack.encoding == ctx.encoding, "provider chose {} instead of {}", ack.encoding, ctx.encoding);
+    ensure!(
+        ack.encoding == ctx.encoding,
+        "provider chose {} instead of {}",
+        ack.encoding,
+        ctx.encoding
+    );
     ensure!(!ack.provider.name.is_empty(), "HelloAck names no provider");
     let caps = &ack.capabilities;
     ensure!(caps.max_value_size > 0, "max_value_size is 0");
@@ -221,7 +227,9 @@ async fn run_final(ctx: &Ctx<'_>, emit: &mut dyn FnMut(CaseResult)) {
     let verdict = (|| {
         for (case, e) in &errors {
             ensure!(
-                !matcher.as_ref().is_some_and(|m| m.is_match(e.message.as_bytes())),
+                !matcher
+                    .as_ref()
+                    .is_some_and(|m| m.is_match(e.message.as_bytes())),
                 "in {case}: a {} error message contains a secret value sent by the suite",
                 e.code
             );
@@ -256,7 +264,10 @@ async fn run_final(ctx: &Ctx<'_>, emit: &mut dyn FnMut(CaseResult)) {
 
 async fn goodbye(ctx: &Ctx<'_>) -> Verdict {
     let reply = ctx.ok(Op::Goodbye {}, "Goodbye").await?;
-    ensure!(matches!(reply, Reply::GoodbyeAck {}), "Goodbye answered with {reply:?}");
+    ensure!(
+        matches!(reply, Reply::GoodbyeAck {}),
+        "Goodbye answered with {reply:?}"
+    );
     ensure!(
         ctx.conn.client.wait_closed(CLOSE_DEADLINE).await.is_some(),
         "the provider did not close the connection within {CLOSE_DEADLINE:?} of GoodbyeAck"
@@ -284,7 +295,11 @@ async fn handshake_grease(ctx: &Ctx<'_>) -> Verdict {
     let mut process = attempt.process;
     let verdict = match attempt.result {
         Ok((_, _, ack)) => {
-            ensure!(ack.encoding == encoding, "grease Hello: provider chose {}", ack.encoding);
+            ensure!(
+                ack.encoding == encoding,
+                "grease Hello: provider chose {}",
+                ack.encoding
+            );
             Ok(())
         }
         Err(e) => fail(format!(
@@ -314,7 +329,10 @@ async fn handshake_no_common_major(ctx: &Ctx<'_>) -> Verdict {
                 r.code,
                 r.message
             );
-            ensure!(!r.majors.is_empty(), "the rejection lists no provider majors");
+            ensure!(
+                !r.majors.is_empty(),
+                "the rejection lists no provider majors"
+            );
             ensure!(
                 r.message.contains("900"),
                 "the rejection message does not name the gateway's majors: {}",
@@ -361,8 +379,12 @@ async fn exited_cleanly(p: &mut keyhole_transport::spawn::Spawned, when: &str) -
     p.kill().await;
     match status {
         Some(s) if s.success() => Ok(()),
-        Some(s) => fail(format!("the provider exited with {s} {when}; expected status 0")),
-        None => fail(format!("the provider did not exit within {CLOSE_DEADLINE:?} {when}")),
+        Some(s) => fail(format!(
+            "the provider exited with {s} {when}; expected status 0"
+        )),
+        None => fail(format!(
+            "the provider did not exit within {CLOSE_DEADLINE:?} {when}"
+        )),
     }
 }
 
@@ -385,11 +407,19 @@ async fn health_reports_status(ctx: &Ctx<'_>) -> Verdict {
 async fn resolve_never_existed(ctx: &Ctx<'_>) -> Verdict {
     let name = ctx.name("never");
     for attempt in 1..=2 {
-        ctx.err(ctx.resolve_op(&name, None), ErrorCode::NotFound, &format!("resolve #{attempt}"))
-            .await?;
-    }
-    ctx.err(ctx.resolve_op(&name, Some("1")), ErrorCode::NotFound, "pinned resolve")
+        ctx.err(
+            ctx.resolve_op(&name, None),
+            ErrorCode::NotFound,
+            &format!("resolve #{attempt}"),
+        )
         .await?;
+    }
+    ctx.err(
+        ctx.resolve_op(&name, Some("1")),
+        ErrorCode::NotFound,
+        "pinned resolve",
+    )
+    .await?;
     ctx.err(Op::Describe { name }, ErrorCode::NotFound, "describe")
         .await?;
     Ok(())
@@ -402,20 +432,33 @@ async fn name_invalid(ctx: &Ctx<'_>) -> Verdict {
         ("a name with a newline", format!("{}a\nb", ctx.prefix)),
         ("a 1025-byte name", "n".repeat(1025)),
     ] {
-        ctx.err(ctx.resolve_op(&name, None), ErrorCode::InvalidRequest, &format!("resolve of {what}"))
-            .await?;
+        ctx.err(
+            ctx.resolve_op(&name, None),
+            ErrorCode::InvalidRequest,
+            &format!("resolve of {what}"),
+        )
+        .await?;
     }
     Ok(())
 }
 
 async fn name_opaque(ctx: &Ctx<'_>) -> Verdict {
     ctx.need(ctx.caps.store, "store")?;
-    for label in ["../../../../etc/passwd", "a/./b/../c", ".", "ünïcødé name", "trailing/"] {
+    for label in [
+        "../../../../etc/passwd",
+        "a/./b/../c",
+        ".",
+        "ünïcødé name",
+        "trailing/",
+    ] {
         let name = format!("{}{label}", ctx.name("opaque"));
         let value = ctx.secret("opaque");
         let version = ctx.store(&name, &value).await?;
         let got = ctx.resolve_is(&name, None, &value).await?;
-        ensure!(got == version, "resolve of {name:?} returned version {got:?}, stored {version:?}");
+        ensure!(
+            got == version,
+            "resolve of {name:?} returned version {got:?}, stored {version:?}"
+        );
     }
     Ok(())
 }
@@ -431,18 +474,30 @@ async fn store_round_trip(ctx: &Ctx<'_>) -> Verdict {
         ("an empty value", SecretBytes::new(Vec::new())),
         ("one byte", SecretBytes::new(vec![0])),
         ("every byte value (not UTF-8)", SecretBytes::new(all_bytes)),
-        ("invalid UTF-8", SecretBytes::new(vec![0xff, 0xfe, 0xc3, 0x28, 0x00, 0x80])),
-        ("a value of exactly max_value_size", SecretBytes::new(max_value)),
+        (
+            "invalid UTF-8",
+            SecretBytes::new(vec![0xff, 0xfe, 0xc3, 0x28, 0x00, 0x80]),
+        ),
+        (
+            "a value of exactly max_value_size",
+            SecretBytes::new(max_value),
+        ),
     ];
     for (what, value) in values {
         ctx.remember(&value);
         let name = ctx.name("roundtrip");
-        let version = ctx.store(&name, &value).await.map_err(|m| annotate(m, what))?;
+        let version = ctx
+            .store(&name, &value)
+            .await
+            .map_err(|m| annotate(m, what))?;
         let got = ctx
             .resolve_is(&name, None, &value)
             .await
             .map_err(|m| annotate(m, what))?;
-        ensure!(got == version, "{what}: resolve returned version {got:?}, store returned {version:?}");
+        ensure!(
+            got == version,
+            "{what}: resolve returned version {got:?}, store returned {version:?}"
+        );
     }
     Ok(())
 }
@@ -469,8 +524,12 @@ async fn store_too_large(ctx: &Ctx<'_>) -> Verdict {
     };
     ctx.err(op, ErrorCode::TooLarge, "store of max_value_size + 1 bytes")
         .await?;
-    ctx.err(ctx.resolve_op(&name, None), ErrorCode::NotFound, "resolve after a refused store")
-        .await?;
+    ctx.err(
+        ctx.resolve_op(&name, None),
+        ErrorCode::NotFound,
+        "resolve after a refused store",
+    )
+    .await?;
     Ok(())
 }
 
@@ -486,10 +545,17 @@ async fn store_create_only(ctx: &Ctx<'_>) -> Verdict {
         create_only: true,
         labels: BTreeMap::new(),
     };
-    ctx.err(op, ErrorCode::AlreadyExists, "create-only store of an existing name")
-        .await?;
+    ctx.err(
+        op,
+        ErrorCode::AlreadyExists,
+        "create-only store of an existing name",
+    )
+    .await?;
     let got = ctx.resolve_is(&name, None, &first).await?;
-    ensure!(got == version, "the refused store changed the version from {version:?} to {got:?}");
+    ensure!(
+        got == version,
+        "the refused store changed the version from {version:?} to {got:?}"
+    );
     Ok(())
 }
 
@@ -501,7 +567,10 @@ async fn store_overwrite(ctx: &Ctx<'_>) -> Verdict {
     let v2 = ctx.store(&name, &value).await?;
     ensure!(v1 != v2, "a second store returned the same version {v1:?}");
     let got = ctx.resolve_is(&name, None, &value).await?;
-    ensure!(got == v2, "resolve returned version {got:?}, expected {v2:?}");
+    ensure!(
+        got == v2,
+        "resolve returned version {got:?}, expected {v2:?}"
+    );
     Ok(())
 }
 
@@ -515,16 +584,27 @@ async fn rotate_new_version(ctx: &Ctx<'_>) -> Verdict {
     let v2 = ctx.rotate(&name, &new, None).await?;
     ensure!(v1 != v2, "rotate returned the old version {v1:?}");
     let current = ctx.resolve_is(&name, None, &new).await?;
-    ensure!(current == v2, "resolve after rotate returned version {current:?}, expected {v2:?}");
+    ensure!(
+        current == v2,
+        "resolve after rotate returned version {current:?}, expected {v2:?}"
+    );
     ctx.resolve_is(&name, Some(&v2), &new).await?;
     if ctx.caps.versions_kept == 1 {
-        ctx.err(ctx.resolve_op(&name, Some(&v1)), ErrorCode::VersionUnavailable, "pinned resolve of the old version (versions_kept = 1)")
-            .await?;
+        ctx.err(
+            ctx.resolve_op(&name, Some(&v1)),
+            ErrorCode::VersionUnavailable,
+            "pinned resolve of the old version (versions_kept = 1)",
+        )
+        .await?;
     } else {
         ctx.resolve_is(&name, Some(&v1), &old).await?;
     }
-    ctx.err(ctx.resolve_op(&name, Some("no-such-version")), ErrorCode::VersionUnavailable, "pinned resolve of a version never issued")
-        .await?;
+    ctx.err(
+        ctx.resolve_op(&name, Some("no-such-version")),
+        ErrorCode::VersionUnavailable,
+        "pinned resolve of a version never issued",
+    )
+    .await?;
     Ok(())
 }
 
@@ -535,7 +615,10 @@ async fn rotate_distinct_versions(ctx: &Ctx<'_>) -> Verdict {
     let mut seen = vec![ctx.store(&name, &ctx.secret("v")).await?];
     for _ in 0..5 {
         let v = ctx.rotate(&name, &ctx.secret("v"), None).await?;
-        ensure!(!seen.contains(&v), "rotate returned version {v:?} again (seen {seen:?})");
+        ensure!(
+            !seen.contains(&v),
+            "rotate returned version {v:?} again (seen {seen:?})"
+        );
         seen.push(v);
     }
     Ok(())
@@ -562,8 +645,12 @@ async fn rotate_history_limit(ctx: &Ctx<'_>) -> Verdict {
         versions.push((v, value));
     }
     let (oldest, _) = &versions[0];
-    ctx.err(ctx.resolve_op(&name, Some(oldest)), ErrorCode::VersionUnavailable, &format!("pinned resolve of the version beyond versions_kept = {kept}"))
-        .await?;
+    ctx.err(
+        ctx.resolve_op(&name, Some(oldest)),
+        ErrorCode::VersionUnavailable,
+        &format!("pinned resolve of the version beyond versions_kept = {kept}"),
+    )
+    .await?;
     for (v, value) in &versions[1..] {
         ctx.resolve_is(&name, Some(v), value).await?;
     }
@@ -582,10 +669,17 @@ async fn rotate_conflict(ctx: &Ctx<'_>) -> Verdict {
         value: ctx.secret("stale"),
         expected_version: Some(v1.clone()),
     };
-    ctx.err(op, ErrorCode::Conflict, "rotate with a stale expected_version")
-        .await?;
+    ctx.err(
+        op,
+        ErrorCode::Conflict,
+        "rotate with a stale expected_version",
+    )
+    .await?;
     let got = ctx.resolve_is(&name, None, &current).await?;
-    ensure!(got == v2, "the refused rotate changed the version to {got:?}");
+    ensure!(
+        got == v2,
+        "the refused rotate changed the version to {got:?}"
+    );
     Ok(())
 }
 
@@ -596,8 +690,12 @@ async fn rotate_not_found(ctx: &Ctx<'_>) -> Verdict {
         value: ctx.secret("x"),
         expected_version: None,
     };
-    ctx.err(op, ErrorCode::NotFound, "rotate of a name that never existed")
-        .await?;
+    ctx.err(
+        op,
+        ErrorCode::NotFound,
+        "rotate of a name that never existed",
+    )
+    .await?;
     Ok(())
 }
 
@@ -618,18 +716,39 @@ async fn revoke_resolve_revoked(ctx: &Ctx<'_>) -> Verdict {
     let name = ctx.name("revoke");
     let history = with_history(ctx, &name).await?;
     ctx.revoke(&name).await?;
-    ctx.err(ctx.resolve_op(&name, None), ErrorCode::Revoked, "resolve after revoke")
-        .await?;
+    ctx.err(
+        ctx.resolve_op(&name, None),
+        ErrorCode::Revoked,
+        "resolve after revoke",
+    )
+    .await?;
     for (v, _) in &history {
-        ctx.err(ctx.resolve_op(&name, Some(v)), ErrorCode::Revoked, &format!("pinned resolve of version {v:?} after revoke"))
-            .await?;
-    }
-    ctx.revoke(&name).await.map_err(|m| annotate(m, "second revoke (must be idempotent)"))?;
-    ctx.err(ctx.resolve_op(&name, None), ErrorCode::Revoked, "resolve after a second revoke")
+        ctx.err(
+            ctx.resolve_op(&name, Some(v)),
+            ErrorCode::Revoked,
+            &format!("pinned resolve of version {v:?} after revoke"),
+        )
         .await?;
-    match ctx.ok(Op::Describe { name: name.clone() }, "describe after revoke").await? {
+    }
+    ctx.revoke(&name)
+        .await
+        .map_err(|m| annotate(m, "second revoke (must be idempotent)"))?;
+    ctx.err(
+        ctx.resolve_op(&name, None),
+        ErrorCode::Revoked,
+        "resolve after a second revoke",
+    )
+    .await?;
+    match ctx
+        .ok(Op::Describe { name: name.clone() }, "describe after revoke")
+        .await?
+    {
         Reply::Described(d) => {
-            ensure!(d.state == SecretState::Revoked, "describe after revoke says state {:?}", d.state);
+            ensure!(
+                d.state == SecretState::Revoked,
+                "describe after revoke says state {:?}",
+                d.state
+            );
         }
         other => return fail(format!("describe answered with {other:?}")),
     }
@@ -650,10 +769,17 @@ async fn revoke_restore_by_rotate(ctx: &Ctx<'_>) -> Verdict {
         "rotate after revoke reused version {v:?}"
     );
     let got = ctx.resolve_is(&name, None, &value).await?;
-    ensure!(got == v, "resolve after restore returned version {got:?}, expected {v:?}");
+    ensure!(
+        got == v,
+        "resolve after restore returned version {got:?}, expected {v:?}"
+    );
     for (old, _) in &history {
-        ctx.err_any(ctx.resolve_op(&name, Some(old)), &[ErrorCode::Revoked, ErrorCode::VersionUnavailable], &format!("pinned resolve of pre-revoke version {old:?} after restore"))
-            .await?;
+        ctx.err_any(
+            ctx.resolve_op(&name, Some(old)),
+            &[ErrorCode::Revoked, ErrorCode::VersionUnavailable],
+            &format!("pinned resolve of pre-revoke version {old:?} after restore"),
+        )
+        .await?;
     }
     Ok(())
 }
@@ -670,19 +796,32 @@ async fn revoke_restore_by_store(ctx: &Ctx<'_>) -> Verdict {
         create_only: true,
         labels: BTreeMap::new(),
     };
-    ctx.err(op, ErrorCode::AlreadyExists, "create-only store of a revoked name")
-        .await?;
+    ctx.err(
+        op,
+        ErrorCode::AlreadyExists,
+        "create-only store of a revoked name",
+    )
+    .await?;
     let value = ctx.secret("after");
     let v = ctx.store(&name, &value).await?;
     let got = ctx.resolve_is(&name, None, &value).await?;
-    ensure!(got == v, "resolve after restore returned version {got:?}, expected {v:?}");
+    ensure!(
+        got == v,
+        "resolve after restore returned version {got:?}, expected {v:?}"
+    );
     Ok(())
 }
 
 async fn revoke_not_found(ctx: &Ctx<'_>) -> Verdict {
     ctx.need(ctx.caps.revoke, "revoke")?;
-    ctx.err(Op::Revoke { name: ctx.name("revoke-missing") }, ErrorCode::NotFound, "revoke of a name that never existed")
-        .await?;
+    ctx.err(
+        Op::Revoke {
+            name: ctx.name("revoke-missing"),
+        },
+        ErrorCode::NotFound,
+        "revoke of a name that never existed",
+    )
+    .await?;
     Ok(())
 }
 
@@ -709,13 +848,36 @@ async fn describe_metadata(ctx: &Ctx<'_>) -> Verdict {
         Outcome::Ok(Reply::Described(d)) => d,
         other => return fail(format!("describe answered with {other:?}")),
     };
-    ensure!(d.name == name, "describe names {:?}, expected {name:?}", d.name);
-    ensure!(d.state == SecretState::Active, "state is {:?}, expected active", d.state);
-    ensure!(d.current_version.as_deref() == Some(version.as_str()), "current_version is {:?}, expected {version:?}", d.current_version);
-    ensure!(d.versions.iter().any(|v| v.version == version), "versions {:?} lack the current one", d.versions);
-    ensure!(d.labels == labels, "labels are {:?}, expected {labels:?}", d.labels);
+    ensure!(
+        d.name == name,
+        "describe names {:?}, expected {name:?}",
+        d.name
+    );
+    ensure!(
+        d.state == SecretState::Active,
+        "state is {:?}, expected active",
+        d.state
+    );
+    ensure!(
+        d.current_version.as_deref() == Some(version.as_str()),
+        "current_version is {:?}, expected {version:?}",
+        d.current_version
+    );
+    ensure!(
+        d.versions.iter().any(|v| v.version == version),
+        "versions {:?} lack the current one",
+        d.versions
+    );
+    ensure!(
+        d.labels == labels,
+        "labels are {:?}, expected {labels:?}",
+        d.labels
+    );
     if let Some(raw) = raw {
-        ensure!(!ctx.leaks(&raw), "the Describe answer contains the secret value on the wire");
+        ensure!(
+            !ctx.leaks(&raw),
+            "the Describe answer contains the secret value on the wire"
+        );
     }
     Ok(())
 }
@@ -725,7 +887,10 @@ async fn list_prefix_and_pages(ctx: &Ctx<'_>) -> Verdict {
     ctx.need(ctx.caps.store, "store (to create names to list)")?;
     let sub = ctx.name("list");
     let sub = format!("{sub}/");
-    let mut expected: Vec<String> = ["b", "a", "d/x", "c", "e"].iter().map(|s| format!("{sub}{s}")).collect();
+    let mut expected: Vec<String> = ["b", "a", "d/x", "c", "e"]
+        .iter()
+        .map(|s| format!("{sub}{s}"))
+        .collect();
     for name in &expected {
         ctx.store(name, &ctx.secret("listed")).await?;
     }
@@ -734,7 +899,12 @@ async fn list_prefix_and_pages(ctx: &Ctx<'_>) -> Verdict {
         ctx.revoke(&revoked).await?;
     }
     // A sibling that shares the textual prefix minus the slash must not appear.
-    ctx.store(&sub[..sub.len() - 1].to_string().replace("/", "_"), &ctx.secret("x")).await.ok();
+    ctx.store(
+        &sub[..sub.len() - 1].to_string().replace("/", "_"),
+        &ctx.secret("x"),
+    )
+    .await
+    .ok();
     expected.sort();
     let mut got = Vec::new();
     let mut page: Option<String> = None;
@@ -760,12 +930,24 @@ async fn list_prefix_and_pages(ctx: &Ctx<'_>) -> Verdict {
             other => return fail(format!("list answered with {other:?}")),
         };
         if let Some(raw) = raw {
-            ensure!(!ctx.leaks(&raw), "a List answer contains a secret value on the wire");
+            ensure!(
+                !ctx.leaks(&raw),
+                "a List answer contains a secret value on the wire"
+            );
         }
-        ensure!(entries.len() <= 2, "a page of limit 2 held {} entries", entries.len());
+        ensure!(
+            entries.len() <= 2,
+            "a page of limit 2 held {} entries",
+            entries.len()
+        );
         for e in entries {
             if e.name == revoked && ctx.caps.revoke {
-                ensure!(e.state == SecretState::Revoked, "revoked {:?} is listed as {:?}", e.name, e.state);
+                ensure!(
+                    e.state == SecretState::Revoked,
+                    "revoked {:?} is listed as {:?}",
+                    e.name,
+                    e.state
+                );
             }
             got.push(e.name);
         }
@@ -774,9 +956,19 @@ async fn list_prefix_and_pages(ctx: &Ctx<'_>) -> Verdict {
             None => break,
         }
     }
-    ensure!(got == expected, "paged List of {sub:?} returned {got:?}, expected {expected:?} (sorted, each once, revoked included)");
+    ensure!(
+        got == expected,
+        "paged List of {sub:?} returned {got:?}, expected {expected:?} (sorted, each once, revoked included)"
+    );
     match ctx
-        .ok(Op::List { prefix: format!("{sub}zzz-nothing"), page: None, limit: 0 }, "list of an empty prefix")
+        .ok(
+            Op::List {
+                prefix: format!("{sub}zzz-nothing"),
+                page: None,
+                limit: 0,
+            },
+            "list of an empty prefix",
+        )
         .await?
     {
         Reply::Listed { entries, next_page } => ensure!(
@@ -793,11 +985,46 @@ async fn unsupported_declared(ctx: &Ctx<'_>) -> Verdict {
     let name = ctx.name("unsupported");
     let caps = &ctx.caps;
     let checks = [
-        (caps.store, OpKind::Store, Op::Store { name: name.clone(), value: ctx.secret("u"), create_only: false, labels: BTreeMap::new() }),
-        (caps.rotate, OpKind::Rotate, Op::Rotate { name: name.clone(), value: ctx.secret("u"), expected_version: None }),
-        (caps.revoke, OpKind::Revoke, Op::Revoke { name: name.clone() }),
-        (caps.list, OpKind::List, Op::List { prefix: ctx.prefix.clone(), page: None, limit: 0 }),
-        (caps.watch, OpKind::Watch, Op::Watch { prefix: ctx.prefix.clone() }),
+        (
+            caps.store,
+            OpKind::Store,
+            Op::Store {
+                name: name.clone(),
+                value: ctx.secret("u"),
+                create_only: false,
+                labels: BTreeMap::new(),
+            },
+        ),
+        (
+            caps.rotate,
+            OpKind::Rotate,
+            Op::Rotate {
+                name: name.clone(),
+                value: ctx.secret("u"),
+                expected_version: None,
+            },
+        ),
+        (
+            caps.revoke,
+            OpKind::Revoke,
+            Op::Revoke { name: name.clone() },
+        ),
+        (
+            caps.list,
+            OpKind::List,
+            Op::List {
+                prefix: ctx.prefix.clone(),
+                page: None,
+                limit: 0,
+            },
+        ),
+        (
+            caps.watch,
+            OpKind::Watch,
+            Op::Watch {
+                prefix: ctx.prefix.clone(),
+            },
+        ),
     ];
     let mut checked = 0;
     for (declared, kind, op) in checks {
@@ -805,15 +1032,27 @@ async fn unsupported_declared(ctx: &Ctx<'_>) -> Verdict {
             continue;
         }
         checked += 1;
-        let e = ctx.err(op, ErrorCode::Unsupported, &format!("undeclared {kind}")).await?;
-        ensure!(e.op == Some(kind), "Unsupported for {kind} names op {:?}", e.op);
+        let e = ctx
+            .err(op, ErrorCode::Unsupported, &format!("undeclared {kind}"))
+            .await?;
+        ensure!(
+            e.op == Some(kind),
+            "Unsupported for {kind} names op {:?}",
+            e.op
+        );
     }
     if !caps.store {
-        ctx.err(ctx.resolve_op(&name, None), ErrorCode::NotFound, "resolve after an unsupported store")
-            .await?;
+        ctx.err(
+            ctx.resolve_op(&name, None),
+            ErrorCode::NotFound,
+            "resolve after an unsupported store",
+        )
+        .await?;
     }
     if checked == 0 {
-        return Err(Miss::Skip("the provider declares every optional operation".into()));
+        return Err(Miss::Skip(
+            "the provider declares every optional operation".into(),
+        ));
     }
     Ok(())
 }
@@ -822,7 +1061,12 @@ async fn idempotency_repeat(ctx: &Ctx<'_>) -> Verdict {
     if !ctx.caps.store {
         let name = ctx.name("idem");
         for _ in 0..3 {
-            ctx.err(Op::Describe { name: name.clone() }, ErrorCode::NotFound, "repeated describe").await?;
+            ctx.err(
+                Op::Describe { name: name.clone() },
+                ErrorCode::NotFound,
+                "repeated describe",
+            )
+            .await?;
         }
         return Ok(());
     }
@@ -832,17 +1076,31 @@ async fn idempotency_repeat(ctx: &Ctx<'_>) -> Verdict {
     let describe = || ctx.ok(Op::Describe { name: name.clone() }, "describe");
     let first = describe().await?;
     for _ in 0..2 {
-        ensure!(describe().await? == first, "repeated Describe answers differ");
+        ensure!(
+            describe().await? == first,
+            "repeated Describe answers differ"
+        );
         ctx.resolve_is(&name, None, &value).await?;
     }
     if ctx.caps.list {
-        let list = || ctx.ok(Op::List { prefix: name.clone(), page: None, limit: 10 }, "list");
+        let list = || {
+            ctx.ok(
+                Op::List {
+                    prefix: name.clone(),
+                    page: None,
+                    limit: 10,
+                },
+                "list",
+            )
+        };
         let first = list().await?;
         ensure!(list().await? == first, "repeated List answers differ");
     }
     if ctx.caps.revoke {
         for i in 1..=3 {
-            ctx.revoke(&name).await.map_err(|m| annotate(m, &format!("revoke #{i}")))?;
+            ctx.revoke(&name)
+                .await
+                .map_err(|m| annotate(m, &format!("revoke #{i}")))?;
         }
     }
     Ok(())
@@ -857,11 +1115,20 @@ async fn concurrency_64(ctx: &Ctx<'_>) -> Verdict {
         // 64 stores in flight at once, then 64 resolves in flight at once.
         let mut pending = Vec::new();
         for (name, value) in names.iter().zip(&values) {
-            let op = Op::Store { name: name.clone(), value: value.clone(), create_only: false, labels: BTreeMap::new() };
+            let op = Op::Store {
+                name: name.clone(),
+                value: value.clone(),
+                create_only: false,
+                labels: BTreeMap::new(),
+            };
             pending.push(client.start_call(op, ctx.timeout()).await);
         }
         for p in pending {
-            let p = p.map_err(|e| ctx.record(Err(e)).err().unwrap_or(Miss::Fail("send failed".into())))?;
+            let p = p.map_err(|e| {
+                ctx.record(Err(e))
+                    .err()
+                    .unwrap_or(Miss::Fail("send failed".into()))
+            })?;
             match ctx.record(client.finish(p).await)? {
                 Outcome::Ok(Reply::Stored { .. }) => {}
                 other => return fail(format!("a concurrent store answered {other:?}")),
@@ -869,15 +1136,30 @@ async fn concurrency_64(ctx: &Ctx<'_>) -> Verdict {
         }
         let mut pending = Vec::new();
         for name in names.iter().rev() {
-            pending.push(client.start_call(ctx.resolve_op(name, None), ctx.timeout()).await);
+            pending.push(
+                client
+                    .start_call(ctx.resolve_op(name, None), ctx.timeout())
+                    .await,
+            );
         }
         for (p, (name, value)) in pending.into_iter().zip(names.iter().zip(&values).rev()) {
-            let p = p.map_err(|e| ctx.record(Err(e)).err().unwrap_or(Miss::Fail("send failed".into())))?;
+            let p = p.map_err(|e| {
+                ctx.record(Err(e))
+                    .err()
+                    .unwrap_or(Miss::Fail("send failed".into()))
+            })?;
             match ctx.record(client.finish(p).await)? {
                 Outcome::Ok(Reply::Resolved { value: got, .. }) => {
-                    ensure!(got == *value, "a concurrent resolve of {name:?} got another request's value");
+                    ensure!(
+                        got == *value,
+                        "a concurrent resolve of {name:?} got another request's value"
+                    );
                 }
-                other => return fail(format!("a concurrent resolve of {name:?} answered {other:?}")),
+                other => {
+                    return fail(format!(
+                        "a concurrent resolve of {name:?} answered {other:?}"
+                    ));
+                }
             }
         }
         return Ok(());
@@ -888,19 +1170,28 @@ async fn concurrency_64(ctx: &Ctx<'_>) -> Verdict {
         let op = match i % 3 {
             0 => Op::Health {},
             1 => ctx.resolve_op(&ctx.name("c"), None),
-            _ => Op::Describe { name: ctx.name("c") },
+            _ => Op::Describe {
+                name: ctx.name("c"),
+            },
         };
         pending.push((i % 3, client.start_call(op, ctx.timeout()).await));
     }
     for (kind, p) in pending {
-        let p = p.map_err(|e| ctx.record(Err(e)).err().unwrap_or(Miss::Fail("send failed".into())))?;
+        let p = p.map_err(|e| {
+            ctx.record(Err(e))
+                .err()
+                .unwrap_or(Miss::Fail("send failed".into()))
+        })?;
         let outcome = ctx.record(client.finish(p).await)?;
         let right = match (kind, &outcome) {
             (0, Outcome::Ok(Reply::Health(_))) => true,
             (_, Outcome::Err(e)) if kind != 0 => e.code == ErrorCode::NotFound,
             _ => false,
         };
-        ensure!(right, "a concurrent request got an answer of the wrong kind: {outcome:?}");
+        ensure!(
+            right,
+            "a concurrent request got an answer of the wrong kind: {outcome:?}"
+        );
     }
     Ok(())
 }
@@ -911,29 +1202,51 @@ async fn deadline_expired(ctx: &Ctx<'_>) -> Verdict {
     let expect_deadline = |outcome: Outcome, what: &str| -> Verdict {
         match outcome {
             Outcome::Err(e) if e.code == ErrorCode::DeadlineExceeded => Ok(()),
-            other => fail(format!("{what} with timeout_ms 0: expected DeadlineExceeded, got {other:?}")),
+            other => fail(format!(
+                "{what} with timeout_ms 0: expected DeadlineExceeded, got {other:?}"
+            )),
         }
     };
     let outcome = ctx.record(client.call_with_timeout_ms(Op::Health {}, 0, wait).await)?;
     expect_deadline(outcome, "Health")?;
     let name = ctx.name("deadline");
     if ctx.caps.store {
-        let op = Op::Store { name: name.clone(), value: ctx.secret("late"), create_only: false, labels: BTreeMap::new() };
+        let op = Op::Store {
+            name: name.clone(),
+            value: ctx.secret("late"),
+            create_only: false,
+            labels: BTreeMap::new(),
+        };
         let outcome = ctx.record(client.call_with_timeout_ms(op, 0, wait).await)?;
         expect_deadline(outcome, "Store")?;
-        ctx.err(ctx.resolve_op(&name, None), ErrorCode::NotFound, "resolve after a store whose deadline had passed (it must not take effect)")
-            .await?;
+        ctx.err(
+            ctx.resolve_op(&name, None),
+            ErrorCode::NotFound,
+            "resolve after a store whose deadline had passed (it must not take effect)",
+        )
+        .await?;
     } else {
-        let outcome = ctx.record(client.call_with_timeout_ms(ctx.resolve_op(&name, None), 0, wait).await)?;
+        let outcome = ctx.record(
+            client
+                .call_with_timeout_ms(ctx.resolve_op(&name, None), 0, wait)
+                .await,
+        )?;
         expect_deadline(outcome, "Resolve")?;
     }
     Ok(())
 }
 
 async fn cancel_unknown_id(ctx: &Ctx<'_>) -> Verdict {
-    match ctx.ok(Op::Cancel { id: u64::MAX - 7 }, "cancel of an unknown id").await? {
+    match ctx
+        .ok(Op::Cancel { id: u64::MAX - 7 }, "cancel of an unknown id")
+        .await?
+    {
         Reply::CancelAck { found: false } => {}
-        other => return fail(format!("cancel of an unknown id answered {other:?}, expected CancelAck {{ found: false }}")),
+        other => {
+            return fail(format!(
+                "cancel of an unknown id answered {other:?}, expected CancelAck {{ found: false }}"
+            ));
+        }
     }
     // The connection still works.
     ctx.ok(Op::Health {}, "Health after a cancel").await?;
@@ -945,27 +1258,59 @@ async fn cancel_in_flight(ctx: &Ctx<'_>) -> Verdict {
     let target = client
         .start_call(Op::Health {}, ctx.timeout())
         .await
-        .map_err(|e| ctx.record(Err(e)).err().unwrap_or(Miss::Fail("send failed".into())))?;
-    let cancel = ctx.ok(Op::Cancel { id: target.id }, "cancel of an in-flight request").await?;
-    ensure!(matches!(cancel, Reply::CancelAck { .. }), "Cancel answered {cancel:?}");
+        .map_err(|e| {
+            ctx.record(Err(e))
+                .err()
+                .unwrap_or(Miss::Fail("send failed".into()))
+        })?;
+    let cancel = ctx
+        .ok(
+            Op::Cancel { id: target.id },
+            "cancel of an in-flight request",
+        )
+        .await?;
+    ensure!(
+        matches!(cancel, Reply::CancelAck { .. }),
+        "Cancel answered {cancel:?}"
+    );
     match ctx.record(client.finish(target).await)? {
         Outcome::Ok(Reply::Health(_)) => {}
         Outcome::Err(e) if e.code == ErrorCode::Cancelled => {}
-        other => return fail(format!("the cancelled request answered {other:?}; expected its result or Cancelled")),
+        other => {
+            return fail(format!(
+                "the cancelled request answered {other:?}; expected its result or Cancelled"
+            ));
+        }
     }
     if ctx.caps.watch {
         let watch = client
-            .start_call(Op::Watch { prefix: ctx.name("cancel-watch") }, ctx.timeout())
+            .start_call(
+                Op::Watch {
+                    prefix: ctx.name("cancel-watch"),
+                },
+                ctx.timeout(),
+            )
             .await
-            .map_err(|e| ctx.record(Err(e)).err().unwrap_or(Miss::Fail("send failed".into())))?;
+            .map_err(|e| {
+                ctx.record(Err(e))
+                    .err()
+                    .unwrap_or(Miss::Fail("send failed".into()))
+            })?;
         let id = watch.id;
         match ctx.record(client.finish(watch).await)? {
             Outcome::Ok(Reply::Watching {}) => {}
             other => return fail(format!("Watch answered {other:?}")),
         }
-        match ctx.ok(Op::Cancel { id }, "cancel of a running watch").await? {
+        match ctx
+            .ok(Op::Cancel { id }, "cancel of a running watch")
+            .await?
+        {
             Reply::CancelAck { found: true } => {}
-            other => return fail(format!("cancel of a running watch answered {other:?}, expected found: true")),
+            other => {
+                return fail(format!(
+                    "cancel of a running watch answered {other:?}, expected found: true"
+                ));
+            }
         }
     }
     Ok(())
@@ -977,28 +1322,45 @@ async fn watch_events(ctx: &Ctx<'_>) -> Verdict {
     let client = &ctx.conn.client;
     let prefix = format!("{}/", ctx.name("watched"));
     let watch = client
-        .start_call(Op::Watch { prefix: prefix.clone() }, ctx.timeout())
+        .start_call(
+            Op::Watch {
+                prefix: prefix.clone(),
+            },
+            ctx.timeout(),
+        )
         .await
-        .map_err(|e| ctx.record(Err(e)).err().unwrap_or(Miss::Fail("send failed".into())))?;
+        .map_err(|e| {
+            ctx.record(Err(e))
+                .err()
+                .unwrap_or(Miss::Fail("send failed".into()))
+        })?;
     let id = watch.id;
     match ctx.record(client.finish(watch).await)? {
         Outcome::Ok(Reply::Watching {}) => {}
         other => return fail(format!("Watch answered {other:?}")),
     }
     let name = format!("{prefix}item");
-    ctx.created.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone());
+    ctx.created
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(name.clone());
     let version = ctx.store(&name, &ctx.secret("w")).await?;
     let Some(ev) = next_event(ctx, id, Duration::from_secs(2)).await else {
         return fail("no watch event within 2 s of a store under the watched prefix");
     };
     ensure!(
-        ev.name == name && ev.change == Change::Updated && ev.version.as_deref() == Some(version.as_str()),
+        ev.name == name
+            && ev.change == Change::Updated
+            && ev.version.as_deref() == Some(version.as_str()),
         "watch event {ev:?} does not describe the store of {name:?} at version {version:?}"
     );
     if ctx.caps.revoke {
         ctx.revoke(&name).await?;
         match next_event(ctx, id, Duration::from_secs(2)).await {
-            Some(ev) => ensure!(ev.change == Change::Revoked && ev.name == name, "after revoke, the watch reported {ev:?}"),
+            Some(ev) => ensure!(
+                ev.change == Change::Revoked && ev.name == name,
+                "after revoke, the watch reported {ev:?}"
+            ),
             None => return fail("no watch event within 2 s of a revoke"),
         }
     }
@@ -1033,7 +1395,10 @@ async fn frame_garbage_before_hello(ctx: &Ctx<'_>) -> Verdict {
     let mut raw = target::open_raw(ctx.target, ctx.options.handshake_timeout)
         .await
         .map_err(Miss::Fail)?;
-    let _ = raw.write.write_all(b"GET / HTTP/1.1\r\nHost: keyhole\r\n\r\n").await;
+    let _ = raw
+        .write
+        .write_all(b"GET / HTTP/1.1\r\nHost: keyhole\r\n\r\n")
+        .await;
     let _ = raw.write.flush().await;
     let mut sink = vec![0u8; 4096];
     let closed = tokio::time::timeout(CLOSE_DEADLINE, async {
@@ -1046,17 +1411,27 @@ async fn frame_garbage_before_hello(ctx: &Ctx<'_>) -> Verdict {
     })
     .await
     .is_ok();
-    ensure!(closed, "the provider kept the connection open {CLOSE_DEADLINE:?} after garbage instead of a Hello");
+    ensure!(
+        closed,
+        "the provider kept the connection open {CLOSE_DEADLINE:?} after garbage instead of a Hello"
+    );
     expect_exit(raw.process, "after garbage instead of a Hello").await
 }
 
 /// Sends `bytes` after a good handshake and expects an optional `Abort` with `code`, then the
 /// connection closed, and (spawn mode) a clean exit.
-async fn fault(ctx: &Ctx<'_>, what: &str, code: ErrorCode, make: impl FnOnce(u32, u16) -> Vec<u8>) -> Verdict {
+async fn fault(
+    ctx: &Ctx<'_>,
+    what: &str,
+    code: ErrorCode,
+    make: impl FnOnce(u32, u16) -> Vec<u8>,
+) -> Verdict {
     let encoding = ctx.encoding;
-    let attempt = target::attempt(ctx.target, ctx.options.handshake_timeout, |token| HelloOptions::new(token, encoding))
-        .await
-        .map_err(Miss::Fail)?;
+    let attempt = target::attempt(ctx.target, ctx.options.handshake_timeout, |token| {
+        HelloOptions::new(token, encoding)
+    })
+    .await
+    .map_err(Miss::Fail)?;
     let (reader, writer, ack) = match attempt.result {
         Ok(parts) => parts,
         Err(e) => return fail(format!("the handshake for this case failed: {e}")),
@@ -1066,8 +1441,16 @@ async fn fault(ctx: &Ctx<'_>, what: &str, code: ErrorCode, make: impl FnOnce(u32
     let bytes = make(ack.max_frame, ack.major);
     let _ = client.send_raw(&bytes).await;
     match client.wait_closed(CLOSE_DEADLINE).await {
-        None => return fail(format!("the provider kept the connection open {CLOSE_DEADLINE:?} after {what}")),
-        Some(CallError::Aborted(e)) => ensure!(e.code == code, "after {what}, the provider aborted with {}, expected {code}", e.code),
+        None => {
+            return fail(format!(
+                "the provider kept the connection open {CLOSE_DEADLINE:?} after {what}"
+            ));
+        }
+        Some(CallError::Aborted(e)) => ensure!(
+            e.code == code,
+            "after {what}, the provider aborted with {}, expected {code}",
+            e.code
+        ),
         Some(_) => {}
     }
     expect_exit(attempt.process, &format!("after {what}")).await
@@ -1075,27 +1458,52 @@ async fn fault(ctx: &Ctx<'_>, what: &str, code: ErrorCode, make: impl FnOnce(u32
 
 async fn frame_oversized(ctx: &Ctx<'_>) -> Verdict {
     let encoding = ctx.encoding;
-    fault(ctx, "a frame header declaring more than max_frame", ErrorCode::TooLarge, |cap, major| {
-        FrameHeader { major, encoding, len: cap.saturating_add(1) }.to_bytes().to_vec()
-    })
+    fault(
+        ctx,
+        "a frame header declaring more than max_frame",
+        ErrorCode::TooLarge,
+        |cap, major| {
+            FrameHeader {
+                major,
+                encoding,
+                len: cap.saturating_add(1),
+            }
+            .to_bytes()
+            .to_vec()
+        },
+    )
     .await
 }
 
 async fn frame_bad_magic(ctx: &Ctx<'_>) -> Verdict {
-    fault(ctx, "bytes with a bad magic", ErrorCode::InvalidRequest, |_, _| {
-        b"GET / HTTP/1.1\r\nHost: keyhole\r\n\r\n".to_vec()
-    })
+    fault(
+        ctx,
+        "bytes with a bad magic",
+        ErrorCode::InvalidRequest,
+        |_, _| b"GET / HTTP/1.1\r\nHost: keyhole\r\n\r\n".to_vec(),
+    )
     .await
 }
 
 async fn frame_undecodable(ctx: &Ctx<'_>) -> Verdict {
     let encoding = ctx.encoding;
-    fault(ctx, "a frame whose payload is not a Request", ErrorCode::InvalidRequest, |_, major| {
-        let payload = b"\xff\xfe\xfd this is not a request {]";
-        let mut bytes = FrameHeader { major, encoding, len: payload.len() as u32 }.to_bytes().to_vec();
-        bytes.extend_from_slice(payload);
-        bytes
-    })
+    fault(
+        ctx,
+        "a frame whose payload is not a Request",
+        ErrorCode::InvalidRequest,
+        |_, major| {
+            let payload = b"\xff\xfe\xfd this is not a request {]";
+            let mut bytes = FrameHeader {
+                major,
+                encoding,
+                len: payload.len() as u32,
+            }
+            .to_bytes()
+            .to_vec();
+            bytes.extend_from_slice(payload);
+            bytes
+        },
+    )
     .await
 }
 
@@ -1104,13 +1512,28 @@ async fn frame_wrong_encoding(ctx: &Ctx<'_>) -> Verdict {
         Encoding::Json => Encoding::Bincode,
         Encoding::Bincode => Encoding::Json,
     };
-    fault(ctx, &format!("a frame in {other} after negotiating {}", ctx.encoding), ErrorCode::InvalidRequest, |_, major| {
-        let req = keyhole_protocol::Request { id: 1, timeout_ms: 1000, op: Op::Health {} };
-        let mut payload = Vec::new();
-        let _ = encode(other, &req, &mut payload);
-        let mut bytes = FrameHeader { major, encoding: other, len: payload.len() as u32 }.to_bytes().to_vec();
-        bytes.extend_from_slice(&payload);
-        bytes
-    })
+    fault(
+        ctx,
+        &format!("a frame in {other} after negotiating {}", ctx.encoding),
+        ErrorCode::InvalidRequest,
+        |_, major| {
+            let req = keyhole_protocol::Request {
+                id: 1,
+                timeout_ms: 1000,
+                op: Op::Health {},
+            };
+            let mut payload = Vec::new();
+            let _ = encode(other, &req, &mut payload);
+            let mut bytes = FrameHeader {
+                major,
+                encoding: other,
+                len: payload.len() as u32,
+            }
+            .to_bytes()
+            .to_vec();
+            bytes.extend_from_slice(&payload);
+            bytes
+        },
+    )
     .await
 }

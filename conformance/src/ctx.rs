@@ -219,9 +219,9 @@ impl<'a> Ctx<'a> {
         match self.call(op).await? {
             Outcome::Err(e) if codes.contains(&e.code) => Ok(e),
             Outcome::Err(e) => fail(format!("{what}: expected one of {codes:?}, got {e}")),
-            Outcome::Ok(reply) => {
-                fail(format!("{what}: expected one of {codes:?}, got success {reply:?}"))
-            }
+            Outcome::Ok(reply) => fail(format!(
+                "{what}: expected one of {codes:?}, got success {reply:?}"
+            )),
         }
     }
 
@@ -230,7 +230,9 @@ impl<'a> Ctx<'a> {
         if declared {
             Ok(())
         } else {
-            Err(Miss::Skip(format!("the provider does not declare {capability}")))
+            Err(Miss::Skip(format!(
+                "the provider does not declare {capability}"
+            )))
         }
     }
 
@@ -276,7 +278,10 @@ impl<'a> Ctx<'a> {
 
     pub async fn revoke(&self, name: &str) -> Verdict {
         match self
-            .ok(Op::Revoke { name: name.into() }, &format!("revoke {name:?}"))
+            .ok(
+                Op::Revoke { name: name.into() },
+                &format!("revoke {name:?}"),
+            )
             .await?
         {
             Reply::Revoked {} => Ok(()),

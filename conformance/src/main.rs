@@ -24,7 +24,12 @@ struct Cli {
     #[arg(long, value_name = "FILE")]
     junit: Option<PathBuf>,
     /// Connect to a provider listening on this socket instead of spawning one.
-    #[arg(long, value_name = "PATH", requires = "token_file", conflicts_with = "command")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "token_file",
+        conflicts_with = "command"
+    )]
     socket: Option<PathBuf>,
     /// The token file of the provider given with --socket.
     #[arg(long, value_name = "FILE", requires = "socket")]
@@ -62,7 +67,10 @@ fn main() -> ExitCode {
                 token: keyhole_protocol::Token::new(text.trim_end().to_string()),
             },
             Err(e) => {
-                eprintln!("error: could not read token file {}: {e}", token_file.display());
+                eprintln!(
+                    "error: could not read token file {}: {e}",
+                    token_file.display()
+                );
                 return ExitCode::from(2);
             }
         },
@@ -87,14 +95,19 @@ fn main() -> ExitCode {
         request_timeout: Duration::from_millis(cli.timeout_ms),
         ..Options::default()
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: could not start the runtime: {e}");
             return ExitCode::from(2);
         }
     };
-    let report = runtime.block_on(keyhole_conformance::run(&target, &options, |r| println!("{r}")));
+    let report = runtime.block_on(keyhole_conformance::run(&target, &options, |r| {
+        println!("{r}")
+    }));
     println!(
         "\n{} cases in {:.2} s",
         report.results.len(),

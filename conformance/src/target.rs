@@ -87,7 +87,14 @@ pub(crate) async fn open_raw(target: &Target, deadline: Duration) -> Result<Raw,
 
 /// The outcome of a handshake attempt, keeping the process for exit-status checks.
 pub(crate) struct Attempt {
-    pub result: Result<(FrameReader<BoxRead>, FrameWriter<BoxWrite>, keyhole_protocol::HelloAck), HandshakeError>,
+    pub result: Result<
+        (
+            FrameReader<BoxRead>,
+            FrameWriter<BoxWrite>,
+            keyhole_protocol::HelloAck,
+        ),
+        HandshakeError,
+    >,
     pub process: Option<Spawned>,
 }
 

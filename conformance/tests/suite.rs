@@ -1,6 +1,8 @@
 //! The suite judged against providers whose behaviour is known: the reference provider passes,
 //! every deliberately broken provider fails, each caught by the case named for its fault.
 
+#![allow(clippy::unwrap_used)] // tests may panic on what they did not expect
+
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -45,7 +47,10 @@ fn caught_by(report: &Report, case: &str, why: &str) {
     let hit = report.results.iter().find(|r| r.name == case);
     match hit.map(|r| &r.status) {
         Some(Status::Fail(reason)) => {
-            assert!(reason.contains(why), "{case} failed for another reason: {reason}")
+            assert!(
+                reason.contains(why),
+                "{case} failed for another reason: {reason}"
+            )
         }
         other => panic!("{case} did not fail: {other:?}\n{}", lines(report)),
     }
@@ -62,9 +67,16 @@ fn lines(report: &Report) -> String {
 
 #[tokio::test]
 async fn the_reference_provider_passes_every_case_in_both_encodings() {
-    let report = run(&spawn_target("keyhole-provider-memory", &[]), &Encoding::ALL).await;
+    let report = run(
+        &spawn_target("keyhole-provider-memory", &[]),
+        &Encoding::ALL,
+    )
+    .await;
     assert_eq!(report.failed(), 0, "{}", lines(&report));
-    assert_eq!(report.results.len(), 2 * keyhole_conformance::case_names().len());
+    assert_eq!(
+        report.results.len(),
+        2 * keyhole_conformance::case_names().len()
+    );
     // The only skip: it declares every optional operation, so nothing is Unsupported.
     let skipped: Vec<_> = report
         .results
@@ -74,7 +86,9 @@ async fn the_reference_provider_passes_every_case_in_both_encodings() {
         .collect();
     assert_eq!(skipped, ["unsupported.declared", "unsupported.declared"]);
     let junit = report.junit();
-    assert!(junit.contains("keyhole-conformance.bincode") && junit.contains("keyhole-conformance.json"));
+    assert!(
+        junit.contains("keyhole-conformance.bincode") && junit.contains("keyhole-conformance.json")
+    );
 }
 
 #[tokio::test]
@@ -134,7 +148,11 @@ fn keyhole_transport_token() -> String {
 #[tokio::test]
 async fn exit_before_hello_is_caught_by_the_handshake() {
     let report = run(&misbehaving("exit-before-hello"), &[Encoding::Json]).await;
-    caught_by(&report, "handshake.accept", "exited (exit status: 3) before connecting");
+    caught_by(
+        &report,
+        "handshake.accept",
+        "exited (exit status: 3) before connecting",
+    );
 }
 
 #[tokio::test]
@@ -149,9 +167,16 @@ async fn a_provider_that_hangs_fails_the_suite_in_seconds() {
     let report = run(&misbehaving("hang"), &Encoding::ALL).await;
     caught_by(&report, "health.reports-status", "stopped answering");
     let elapsed = started.elapsed();
-    assert!(elapsed < Duration::from_secs(20), "the suite took {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(20),
+        "the suite took {elapsed:?}"
+    );
     // Every case after the first timeout fails at once, naming it.
-    caught_by(&report, "revoke.resolve-revoked", "not run: the provider stopped answering");
+    caught_by(
+        &report,
+        "revoke.resolve-revoked",
+        "not run: the provider stopped answering",
+    );
 }
 
 #[tokio::test]
@@ -163,19 +188,35 @@ async fn a_garbage_frame_is_caught() {
 #[tokio::test]
 async fn not_found_after_revoke_is_caught() {
     let report = run(&misbehaving("notfound-after-revoke"), &[Encoding::Json]).await;
-    caught_by(&report, "revoke.resolve-revoked", "expected Revoked, got NotFound");
+    caught_by(
+        &report,
+        "revoke.resolve-revoked",
+        "expected Revoked, got NotFound",
+    );
 }
 
 #[tokio::test]
 async fn an_old_version_readable_after_revoke_is_caught() {
-    let report = run(&misbehaving("old-version-after-revoke"), &[Encoding::Bincode]).await;
-    caught_by(&report, "revoke.resolve-revoked", "expected Revoked, got success");
+    let report = run(
+        &misbehaving("old-version-after-revoke"),
+        &[Encoding::Bincode],
+    )
+    .await;
+    caught_by(
+        &report,
+        "revoke.resolve-revoked",
+        "expected Revoked, got success",
+    );
 }
 
 #[tokio::test]
 async fn rotate_returning_the_same_version_is_caught() {
     let report = run(&misbehaving("rotate-same-version"), &[Encoding::Json]).await;
-    caught_by(&report, "rotate.new-version", "rotate returned the old version");
+    caught_by(
+        &report,
+        "rotate.new-version",
+        "rotate returned the old version",
+    );
 }
 
 #[tokio::test]

@@ -11,10 +11,10 @@ use std::sync::{Arc, Mutex};
 
 use clap::{Parser, ValueEnum};
 use keyhole_protocol::{
-    Capabilities, Description, Encoding, ErrorCode, HANDSHAKE_MAJOR, HANDSHAKE_MAX_FRAME,
-    HealthReport, Hello, HelloAck, HelloReject, HelloReply, Offer, RejectCode, Op, Outcome, ProviderError, ProviderInfo,
-    ProviderMessage, Reply, Request, Response, SUPPORTED_MAJORS, SecretBytes, TOKEN_ENV, Token,
-    decode, negotiate, DEFAULT_MAX_FRAME,
+    Capabilities, DEFAULT_MAX_FRAME, Description, Encoding, ErrorCode, HANDSHAKE_MAJOR,
+    HANDSHAKE_MAX_FRAME, HealthReport, Hello, HelloAck, HelloReject, HelloReply, Offer, Op,
+    Outcome, ProviderError, ProviderInfo, ProviderMessage, RejectCode, Reply, Request, Response,
+    SUPPORTED_MAJORS, SecretBytes, TOKEN_ENV, Token, decode, negotiate,
 };
 use keyhole_provider_memory::{MemoryOptions, MemoryProvider};
 use keyhole_providers::{Page, Provider, Resolved, ServeArgs, ServeOptions, StoreRequest};
@@ -169,8 +169,17 @@ impl Provider for Twisted {
         value: SecretBytes,
         expected_version: Option<&str>,
     ) -> Result<String, ProviderError> {
-        let before = self.inner.describe(name).await.ok().and_then(|d| d.current_version);
-        match self.inner.rotate(name, value.clone(), expected_version).await {
+        let before = self
+            .inner
+            .describe(name)
+            .await
+            .ok()
+            .and_then(|d| d.current_version);
+        match self
+            .inner
+            .rotate(name, value.clone(), expected_version)
+            .await
+        {
             Ok(v) => {
                 self.remember(name, &v, &value);
                 match (self.behaviour, before) {
@@ -190,7 +199,12 @@ impl Provider for Twisted {
         self.inner.describe(name).await
     }
 
-    async fn list(&self, prefix: &str, page: Option<&str>, limit: u32) -> Result<Page, ProviderError> {
+    async fn list(
+        &self,
+        prefix: &str,
+        page: Option<&str>,
+        limit: u32,
+    ) -> Result<Page, ProviderError> {
         self.inner.list(prefix, page, limit).await
     }
 

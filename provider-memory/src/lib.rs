@@ -223,7 +223,10 @@ impl Provider for MemoryProvider {
             .ok_or_else(|| {
                 ProviderError::new(
                     ErrorCode::VersionUnavailable,
-                    format!("version {:?} of {name:?} is not kept", version.unwrap_or("")),
+                    format!(
+                        "version {:?} of {name:?} is not kept",
+                        version.unwrap_or("")
+                    ),
                 )
             })
     }

@@ -1,5 +1,7 @@
 //! The provider process's life cycle: spawn mode, connect mode, and no orphans.
 
+#![allow(clippy::unwrap_used)] // tests may panic on what they did not expect
+
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,16 +20,23 @@ fn client(conn: keyhole_transport::spawn::Connection) -> Client {
 
 #[tokio::test]
 async fn exits_cleanly_when_the_connection_closes() {
-    let (mut process, conn) = spawn(&SpawnOptions::new(BIN, Vec::<String>::new(), Encoding::Bincode))
-        .await
-        .unwrap();
+    let (mut process, conn) = spawn(&SpawnOptions::new(
+        BIN,
+        Vec::<String>::new(),
+        Encoding::Bincode,
+    ))
+    .await
+    .unwrap();
     let c = client(conn);
     assert!(matches!(
         c.call(Op::Health {}, Duration::from_secs(5)).await.unwrap(),
         Outcome::Ok(Reply::Health(_))
     ));
     drop(c);
-    let status = process.wait_exit(Duration::from_secs(2)).await.expect("no exit within 2 s");
+    let status = process
+        .wait_exit(Duration::from_secs(2))
+        .await
+        .expect("no exit within 2 s");
     assert!(status.success(), "{status}");
 }
 
@@ -55,9 +64,14 @@ async fn exits_when_its_host_is_killed() {
         .unwrap()
         .unwrap();
     let (r, w) = socket::into_halves(stream);
-    let (reader, writer, ack) = handshake(r, w, &HelloOptions::new(token, Encoding::Json), Duration::from_secs(5))
-        .await
-        .unwrap();
+    let (reader, writer, ack) = handshake(
+        r,
+        w,
+        &HelloOptions::new(token, Encoding::Json),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
     let c = Client::start(reader, writer, ack, tx);
     assert!(c.closed().is_none());
@@ -66,7 +80,10 @@ async fn exits_when_its_host_is_killed() {
     host.kill().unwrap(); // SIGKILL
     let _ = host.wait();
     let closed = c.wait_closed(Duration::from_secs(2)).await;
-    assert!(closed.is_some(), "the provider outlived its host by more than 2 s");
+    assert!(
+        closed.is_some(),
+        "the provider outlived its host by more than 2 s"
+    );
     assert!(killed.elapsed() < Duration::from_secs(2));
 }
 
@@ -135,7 +152,11 @@ async fn listen_mode_serves_many_gateways_and_cleans_up_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-    let dir_mode = std::fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777;
+    let dir_mode = std::fs::metadata(path.parent().unwrap())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!((mode, dir_mode), (0o600, 0o700));
 
     // Two gateways at once share the provider's state.
@@ -143,9 +164,14 @@ async fn listen_mode_serves_many_gateways_and_cleans_up_on_sigterm() {
     for encoding in Encoding::ALL {
         let stream = socket::connect(&path).await.unwrap();
         let (r, w) = socket::into_halves(stream);
-        let (reader, writer, ack) = handshake(r, w, &HelloOptions::new(token.clone(), encoding), Duration::from_secs(5))
-            .await
-            .unwrap();
+        let (reader, writer, ack) = handshake(
+            r,
+            w,
+            &HelloOptions::new(token.clone(), encoding),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         clients.push(Client::start(reader, writer, ack, tx));
     }
@@ -155,12 +181,26 @@ async fn listen_mode_serves_many_gateways_and_cleans_up_on_sigterm() {
         create_only: false,
         labels: Default::default(),
     };
-    assert!(matches!(clients[0].call(store, Duration::from_secs(5)).await.unwrap(), Outcome::Ok(_)));
+    assert!(matches!(
+        clients[0]
+            .call(store, Duration::from_secs(5))
+            .await
+            .unwrap(),
+        Outcome::Ok(_)
+    ));
     let got = clients[1]
-        .call(Op::Resolve { name: "shared".into(), version: None }, Duration::from_secs(5))
+        .call(
+            Op::Resolve {
+                name: "shared".into(),
+                version: None,
+            },
+            Duration::from_secs(5),
+        )
         .await
         .unwrap();
-    assert!(matches!(got, Outcome::Ok(Reply::Resolved { ref value, .. }) if value.expose() == b"v"));
+    assert!(
+        matches!(got, Outcome::Ok(Reply::Resolved { ref value, .. }) if value.expose() == b"v")
+    );
 
     let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();

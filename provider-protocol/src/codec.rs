@@ -74,7 +74,12 @@ fn bincode_decode<T: DeserializeOwned>(
             )
         };
     }
-    match payload.len().max(1 << 16).next_power_of_two().trailing_zeros() {
+    match payload
+        .len()
+        .max(1 << 16)
+        .next_power_of_two()
+        .trailing_zeros()
+    {
         16 => with_limit!(16),
         17 => with_limit!(17),
         18 => with_limit!(18),
@@ -98,9 +103,11 @@ pub fn encode<T: Serialize>(
     let start = out.len();
     let result = match encoding {
         Encoding::Json => serde_json::to_writer(&mut *out, msg).map_err(|_| EncodeError::Serialize),
-        Encoding::Bincode => bincode::serde::encode_into_std_write(msg, &mut *out, bincode_config())
-            .map(|_| ())
-            .map_err(|_| EncodeError::Serialize),
+        Encoding::Bincode => {
+            bincode::serde::encode_into_std_write(msg, &mut *out, bincode_config())
+                .map(|_| ())
+                .map_err(|_| EncodeError::Serialize)
+        }
     };
     if result.is_err() {
         out[start..].zeroize();
@@ -161,8 +168,8 @@ pub fn decode<T: DeserializeOwned>(encoding: Encoding, payload: &[u8]) -> Result
         }),
         Encoding::Bincode => {
             let (msg, used) = bincode_decode(payload).map_err(|e| DecodeError::Bincode {
-                    kind: bincode_kind(&e),
-                })?;
+                kind: bincode_kind(&e),
+            })?;
             if used != payload.len() {
                 return Err(DecodeError::TrailingBytes {
                     extra: payload.len() - used,

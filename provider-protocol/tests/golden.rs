@@ -4,6 +4,8 @@
 //! keyhole-protocol --test golden` only when the change is deliberate (and then think about the
 //! major).
 
+#![allow(clippy::unwrap_used)] // tests may panic on what they did not expect
+
 mod common;
 
 use std::path::PathBuf;
@@ -45,7 +47,12 @@ fn check<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(
 #[test]
 fn handshake_frames_are_json_with_major_zero() {
     check("hello", HANDSHAKE_MAJOR, Encoding::Json, &common::hello());
-    check("hello_ack", HANDSHAKE_MAJOR, Encoding::Json, &common::hello_ack());
+    check(
+        "hello_ack",
+        HANDSHAKE_MAJOR,
+        Encoding::Json,
+        &common::hello_ack(),
+    );
 }
 
 #[test]
@@ -75,7 +82,9 @@ fn the_protocol_md_worked_example_is_exact() {
     let mut frame = Vec::new();
     encode_frame(1, Encoding::Json, &req, DEFAULT_MAX_FRAME, &mut frame).unwrap();
     let payload = br#"{"id":1,"timeout_ms":5000,"op":{"health":{}}}"#;
-    let mut expected = vec![0x4b, 0x48, 0x4f, 0x4c, 0x00, 0x01, 0x01, 0x00, 0x00, 0x00, 0x00];
+    let mut expected = vec![
+        0x4b, 0x48, 0x4f, 0x4c, 0x00, 0x01, 0x01, 0x00, 0x00, 0x00, 0x00,
+    ];
     expected.push(payload.len() as u8);
     expected.extend_from_slice(payload);
     assert_eq!(frame, expected);

@@ -1,6 +1,8 @@
 //! Property tests: every message round-trips in both encodings, and arbitrary bytes never make a
 //! decoder panic.
 
+#![allow(clippy::unwrap_used)] // tests may panic on what they did not expect
+
 use std::collections::BTreeMap;
 
 use keyhole_protocol::*;
@@ -55,7 +57,11 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn request() -> impl Strategy<Value = Request> {
-    (any::<u64>(), any::<u32>(), op()).prop_map(|(id, timeout_ms, op)| Request { id, timeout_ms, op })
+    (any::<u64>(), any::<u32>(), op()).prop_map(|(id, timeout_ms, op)| Request {
+        id,
+        timeout_ms,
+        op,
+    })
 }
 
 fn description() -> impl Strategy<Value = Description> {
@@ -66,7 +72,7 @@ fn description() -> impl Strategy<Value = Description> {
         vec(
             (name(), any::<u64>()).prop_map(|(version, created_at_ms)| VersionInfo {
                 version,
-                created_at_ms
+                created_at_ms,
             }),
             0..4,
         ),

@@ -3,6 +3,8 @@
 //! After a deliberate change to the wire types: `KEYHOLE_BLESS=1 cargo test -p keyhole-protocol
 //! --test schema_drift`, then review and commit `schema/v1.json`.
 
+#![allow(clippy::unwrap_used)] // tests may panic on what they did not expect
+
 use std::path::PathBuf;
 
 #[test]

@@ -57,9 +57,11 @@ impl ServeArgs {
                 socket: socket.clone(),
                 token_file: token_file.clone(),
             }),
-            _ => Err("give either --connect SOCKET (started by the keyhole gateway) \
+            _ => Err(
+                "give either --connect SOCKET (started by the keyhole gateway) \
                       or --listen SOCKET --token-file FILE (a sidecar or daemon)"
-                .into()),
+                    .into(),
+            ),
         }
     }
 }

@@ -17,7 +17,7 @@ mod provider;
 mod serve;
 pub mod testing;
 
-pub use cli::{ServeArgs, ServeMode, main, serve, init_tracing};
+pub use cli::{ServeArgs, ServeMode, init_tracing, main, serve};
 pub use keyhole_protocol as protocol;
 pub use provider::{Page, Provider, Resolved, StoreRequest, WatchChange};
 pub use serve::{ConnectionEnd, ServeOptions, dispatch, serve_connection};

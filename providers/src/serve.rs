@@ -14,11 +14,11 @@ use std::time::Duration;
 use futures_util::future::{AbortHandle, Abortable};
 use futures_util::stream::{FuturesUnordered, SelectAll, StreamExt};
 use keyhole_protocol::{
-    DEFAULT_MAX_FRAME, DecodeError, ErrorCode, FrameError, HANDSHAKE_MAJOR, HANDSHAKE_MAX_FRAME,
-    Hello, HelloAck, HelloReject, HelloReply, MAX_LIST_LIMIT, DEFAULT_LIST_LIMIT, Offer, Op,
-    OpKind, Outcome, ProviderError, ProviderMessage, RejectCode, Reply, Request, Response,
-    SUPPORTED_MAJORS, Token, WatchEvent, decode, negotiate, validate_name, validate_prefix,
-    EncodeError, Encoding,
+    DEFAULT_LIST_LIMIT, DEFAULT_MAX_FRAME, DecodeError, EncodeError, Encoding, ErrorCode,
+    FrameError, HANDSHAKE_MAJOR, HANDSHAKE_MAX_FRAME, Hello, HelloAck, HelloReject, HelloReply,
+    MAX_LIST_LIMIT, Offer, Op, OpKind, Outcome, ProviderError, ProviderMessage, RejectCode, Reply,
+    Request, Response, SUPPORTED_MAJORS, Token, WatchEvent, decode, negotiate, validate_name,
+    validate_prefix,
 };
 use keyhole_transport::{BoxRead, BoxWrite, FrameReader, FrameWriter, ReadError};
 use tokio::sync::mpsc;
@@ -361,7 +361,10 @@ pub async fn dispatch<P: Provider>(
     }
 }
 
-fn check_request(capabilities: &keyhole_protocol::Capabilities, op: &Op) -> Result<(), ProviderError> {
+fn check_request(
+    capabilities: &keyhole_protocol::Capabilities,
+    op: &Op,
+) -> Result<(), ProviderError> {
     let kind = op.kind();
     if !declared(capabilities, kind) {
         return Err(ProviderError::unsupported(kind));
@@ -370,18 +373,16 @@ fn check_request(capabilities: &keyhole_protocol::Capabilities, op: &Op) -> Resu
 }
 
 fn declared(c: &keyhole_protocol::Capabilities, kind: OpKind) -> bool {
-        match kind {
-            OpKind::Store => c.store,
-            OpKind::Rotate => c.rotate,
-            OpKind::Revoke => c.revoke,
-            OpKind::List => c.list,
-            OpKind::Watch => c.watch,
-            OpKind::Resolve
-            | OpKind::Describe
-            | OpKind::Health
-            | OpKind::Cancel
-            | OpKind::Goodbye => true,
+    match kind {
+        OpKind::Store => c.store,
+        OpKind::Rotate => c.rotate,
+        OpKind::Revoke => c.revoke,
+        OpKind::List => c.list,
+        OpKind::Watch => c.watch,
+        OpKind::Resolve | OpKind::Describe | OpKind::Health | OpKind::Cancel | OpKind::Goodbye => {
+            true
         }
+    }
 }
 
 /// A watch's changes, tagged with the watch's request id.
@@ -449,13 +450,15 @@ fn check_op(op: &Op, max_value_size: u32) -> Result<(), ProviderError> {
 
 async fn perform<P: Provider>(provider: &P, op: Op) -> Result<Reply, ProviderError> {
     match op {
-        Op::Resolve { name, version } => provider
-            .resolve(&name, version.as_deref())
-            .await
-            .map(|r| Reply::Resolved {
-                value: r.value,
-                version: r.version,
-            }),
+        Op::Resolve { name, version } => {
+            provider
+                .resolve(&name, version.as_deref())
+                .await
+                .map(|r| Reply::Resolved {
+                    value: r.value,
+                    version: r.version,
+                })
+        }
         Op::Store {
             name,
             value,
@@ -499,9 +502,9 @@ async fn perform<P: Provider>(provider: &P, op: Op) -> Result<Reply, ProviderErr
         }
         Op::Health {} => Ok(Reply::Health(provider.health().await)),
         // Handled by the loop itself; unreachable through `start`.
-        Op::Watch { .. } | Op::Cancel { .. } | Op::Goodbye {} => {
-            Err(ProviderError::internal("operation routed to the wrong handler"))
-        }
+        Op::Watch { .. } | Op::Cancel { .. } | Op::Goodbye {} => Err(ProviderError::internal(
+            "operation routed to the wrong handler",
+        )),
     }
 }
 

@@ -1,6 +1,8 @@
 //! The serve loop's own guarantees, through the in-process harness, with a provider whose
 //! operations take as long as the test says.
 
+#![allow(clippy::unwrap_used)] // tests may panic on what they did not expect
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -94,14 +96,25 @@ async fn answers_come_back_out_of_order() {
     let h = Harness::start(Slow::default()).await.unwrap();
     let c = h.client();
     let started = Instant::now();
-    let slow = c.start_call(resolve(400), Duration::from_secs(5)).await.unwrap();
-    let fast = c.start_call(resolve(0), Duration::from_secs(5)).await.unwrap();
+    let slow = c
+        .start_call(resolve(400), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let fast = c
+        .start_call(resolve(0), Duration::from_secs(5))
+        .await
+        .unwrap();
     let fast_answer = c.finish(fast).await.unwrap();
     let fast_at = started.elapsed();
     assert!(matches!(fast_answer, Outcome::Ok(Reply::Resolved { .. })));
-    assert!(fast_at < Duration::from_millis(300), "the fast answer waited {fast_at:?}");
+    assert!(
+        fast_at < Duration::from_millis(300),
+        "the fast answer waited {fast_at:?}"
+    );
     let slow_answer = c.finish(slow).await.unwrap();
-    assert!(matches!(slow_answer, Outcome::Ok(Reply::Resolved { ref value, .. }) if value.expose() == b"sleep/400"));
+    assert!(
+        matches!(slow_answer, Outcome::Ok(Reply::Resolved { ref value, .. }) if value.expose() == b"sleep/400")
+    );
 }
 
 #[tokio::test]
@@ -110,12 +123,22 @@ async fn a_deadline_interrupts_a_running_operation() {
     let dropped = Arc::clone(&provider.dropped);
     let h = Harness::start(provider).await.unwrap();
     let started = Instant::now();
-    let outcome = h.client().call(resolve(10_000), Duration::from_millis(50)).await.unwrap();
-    let Outcome::Err(e) = outcome else { panic!("expected an error") };
+    let outcome = h
+        .client()
+        .call(resolve(10_000), Duration::from_millis(50))
+        .await
+        .unwrap();
+    let Outcome::Err(e) = outcome else {
+        panic!("expected an error")
+    };
     assert_eq!(e.code, ErrorCode::DeadlineExceeded);
     assert!(e.retryable);
     assert!(started.elapsed() < Duration::from_secs(2));
-    assert_eq!(dropped.load(Ordering::SeqCst), 1, "the operation was not stopped");
+    assert_eq!(
+        dropped.load(Ordering::SeqCst),
+        1,
+        "the operation was not stopped"
+    );
 }
 
 #[tokio::test]
@@ -124,9 +147,15 @@ async fn cancel_answers_the_target_first_and_stops_it() {
     let dropped = Arc::clone(&provider.dropped);
     let h = Harness::start(provider).await.unwrap();
     let c = h.client();
-    let target = c.start_call(resolve(10_000), Duration::from_secs(30)).await.unwrap();
+    let target = c
+        .start_call(resolve(10_000), Duration::from_secs(30))
+        .await
+        .unwrap();
     let id = target.id;
-    let ack = c.call(Op::Cancel { id }, Duration::from_secs(5)).await.unwrap();
+    let ack = c
+        .call(Op::Cancel { id }, Duration::from_secs(5))
+        .await
+        .unwrap();
     assert_eq!(ack, Outcome::Ok(Reply::CancelAck { found: true }));
     // The target's answer was sent before the CancelAck, so it is already here.
     let answer = tokio::time::timeout(Duration::from_millis(100), c.finish(target))
@@ -136,7 +165,10 @@ async fn cancel_answers_the_target_first_and_stops_it() {
     assert!(matches!(answer, Outcome::Err(ref e) if e.code == ErrorCode::Cancelled));
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(dropped.load(Ordering::SeqCst), 1);
-    let again = c.call(Op::Cancel { id }, Duration::from_secs(5)).await.unwrap();
+    let again = c
+        .call(Op::Cancel { id }, Duration::from_secs(5))
+        .await
+        .unwrap();
     assert_eq!(again, Outcome::Ok(Reply::CancelAck { found: false }));
 }
 
@@ -145,7 +177,10 @@ async fn goodbye_answers_everything_in_flight() {
     let h = Harness::start(Slow::default()).await.unwrap();
     let c = h.client();
     let pending: Vec<_> = futures_join(c, 5).await;
-    let bye = c.call(Op::Goodbye {}, Duration::from_secs(5)).await.unwrap();
+    let bye = c
+        .call(Op::Goodbye {}, Duration::from_secs(5))
+        .await
+        .unwrap();
     assert_eq!(bye, Outcome::Ok(Reply::GoodbyeAck {}));
     for p in pending {
         let answer = c.finish(p).await.unwrap();
@@ -160,7 +195,11 @@ async fn futures_join(
 ) -> Vec<keyhole_transport::client::PendingCall> {
     let mut out = Vec::new();
     for _ in 0..n {
-        out.push(c.start_call(resolve(10_000), Duration::from_secs(30)).await.unwrap());
+        out.push(
+            c.start_call(resolve(10_000), Duration::from_secs(30))
+                .await
+                .unwrap(),
+        );
     }
     out
 }
@@ -168,7 +207,9 @@ async fn futures_join(
 #[tokio::test]
 async fn undeclared_operations_are_unsupported_and_never_reach_the_provider() {
     for encoding in Encoding::ALL {
-        let h = Harness::start_with(Slow::default(), encoding).await.unwrap();
+        let h = Harness::start_with(Slow::default(), encoding)
+            .await
+            .unwrap();
         let err = h.store("x", b"v").await.unwrap_err();
         assert_eq!(err.code(), Some(ErrorCode::Unsupported));
         let Err(keyhole_providers::testing::HarnessError::Provider(e)) = h.revoke("x").await else {

@@ -196,7 +196,10 @@ impl Shared {
     }
 
     fn closed_reason(&self) -> Option<CallError> {
-        self.closed.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.closed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -316,7 +319,9 @@ impl Client {
     fn register(&self, want_raw: bool) -> (u64, oneshot::Receiver<Answer>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.shared.lock_pending().insert(id, Pending { tx, want_raw });
+        self.shared
+            .lock_pending()
+            .insert(id, Pending { tx, want_raw });
         (id, rx)
     }
 
@@ -409,9 +414,7 @@ async fn route(
             ProviderMessage::Response(resp) => {
                 let pending = shared.lock_pending().remove(&resp.id);
                 if let Some(p) = pending {
-                    let raw = p
-                        .want_raw
-                        .then(|| Zeroizing::new(frame.payload.to_vec()));
+                    let raw = p.want_raw.then(|| Zeroizing::new(frame.payload.to_vec()));
                     let _ = p.tx.send(Answer {
                         outcome: resp.outcome,
                         raw,

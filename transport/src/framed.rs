@@ -174,13 +174,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
     /// Appends a frame carrying `msg` to the outgoing batch.
     pub fn queue<T: Serialize>(&mut self, msg: &T) -> Result<(), EncodeError> {
-        encode_frame(
-            self.major,
-            self.encoding,
-            msg,
-            self.peer_cap,
-            &mut self.buf,
-        )
+        encode_frame(self.major, self.encoding, msg, self.peer_cap, &mut self.buf)
     }
 
     /// Appends raw bytes to the outgoing batch (for tests that send malformed frames).

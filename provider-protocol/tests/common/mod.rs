@@ -1,4 +1,6 @@
 //! Shared fixtures for the protocol's integration tests.
+
+#![allow(clippy::unwrap_used)] // tests may panic on what they did not expect
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
