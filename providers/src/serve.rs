@@ -313,8 +313,11 @@ impl<'a, P: Provider> Session<'a, P> {
                     }
                 }
             }
-            // Batch: write only when no further frame is already waiting in the read buffer.
-            if writer.has_pending() && !reader.has_buffered_frame() {
+            // Batch: hold answers back only while another frame is buffered and will be read at
+            // once; when the in-flight cap stops reading, write now, or answers would wait.
+            let more_now =
+                handles.len() < self.options.max_in_flight && reader.has_buffered_frame();
+            if writer.has_pending() && !more_now {
                 writer.flush().await?;
             }
         };
