@@ -145,10 +145,10 @@ impl<'a> Ctx<'a> {
     pub fn leak_matcher(&self) -> Option<Arc<aho_corasick::AhoCorasick>> {
         let count = lock(&self.values).len();
         let mut cache = lock(&self.matcher);
-        if let Some((n, m)) = &*cache {
-            if *n == count {
-                return Some(Arc::clone(m));
-            }
+        if let Some((n, m)) = &*cache
+            && *n == count
+        {
+            return Some(Arc::clone(m));
         }
         let m = Arc::new(aho_corasick::AhoCorasick::new(self.leak_forms()).ok()?);
         *cache = Some((count, Arc::clone(&m)));

@@ -114,11 +114,11 @@ fn main() -> ExitCode {
         report.elapsed.as_secs_f64()
     );
     println!("conformance: {}", report.summary());
-    if let Some(path) = &cli.junit {
-        if let Err(e) = std::fs::write(path, report.junit()) {
-            eprintln!("error: could not write {}: {e}", path.display());
-            return ExitCode::from(2);
-        }
+    if let Some(path) = &cli.junit
+        && let Err(e) = std::fs::write(path, report.junit())
+    {
+        eprintln!("error: could not write {}: {e}", path.display());
+        return ExitCode::from(2);
     }
     if report.failed() == 0 {
         ExitCode::SUCCESS

@@ -104,8 +104,9 @@ impl From<StoreError> for ProviderError {
             StoreError::VersionUnavailable { .. } => ErrorCode::VersionUnavailable,
             StoreError::Conflict { .. } => ErrorCode::Conflict,
             StoreError::AlreadyExists(_) => ErrorCode::AlreadyExists,
-            StoreError::LockTimeout(_) | StoreError::Rekeyed => ErrorCode::Unavailable,
-            StoreError::WrongKey => ErrorCode::Unauthenticated,
+            StoreError::LockTimeout(_) => ErrorCode::Unavailable,
+            // Retrying cannot help: only a restart with the new key can.
+            StoreError::WrongKey | StoreError::Rekeyed => ErrorCode::Unauthenticated,
             StoreError::Usage(_) => ErrorCode::InvalidRequest,
             StoreError::Damaged { .. }
             | StoreError::Header { .. }

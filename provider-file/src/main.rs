@@ -154,6 +154,15 @@ fn main() -> ExitCode {
 const BACKUP_WARNING: &str = "WARNING: back up this key file now, next to the store. \
 Lose it and every secret in the store is lost; nothing can recover them.";
 
+/// Writes a fresh key to the key file `source` names, and says loudly to back it up.
+fn generate_key_file(source: &KekSource) -> Result<(), StoreError> {
+    if let KekSource::KeyFile(path) = source {
+        keyhole_provider_file::kek::generate_key_file(path)?;
+        eprintln!("{BACKUP_WARNING}\nkey file: {}", path.display());
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<ExitCode, String> {
     let e = |e: StoreError| e.to_string();
     match cli.command {
@@ -185,10 +194,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         }) => {
             let source = key.source().map_err(e)?;
             if generate_key {
-                if let KekSource::KeyFile(path) = &source {
-                    keyhole_provider_file::kek::generate_key_file(path).map_err(e)?;
-                    eprintln!("{BACKUP_WARNING}\nkey file: {}", path.display());
-                }
+                generate_key_file(&source).map_err(e)?;
             }
             store::init(
                 &dir,
@@ -214,10 +220,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 _ => return Err("give --new-key-file FILE or --new-passphrase-file FILE".into()),
             };
             if generate_key {
-                if let KekSource::KeyFile(path) = &new {
-                    keyhole_provider_file::kek::generate_key_file(path).map_err(e)?;
-                    eprintln!("{BACKUP_WARNING}\nkey file: {}", path.display());
-                }
+                generate_key_file(&new).map_err(e)?;
             }
             let n = store::rewrap(
                 &dir,

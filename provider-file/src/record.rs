@@ -226,10 +226,10 @@ impl Record {
         if used != body.len() {
             return Err(damaged("trailing bytes after the body".into()));
         }
-        if let Some(expected) = expect {
-            if record.name != expected {
-                return Err(damaged(format!("holds secret {:?} instead", record.name)));
-            }
+        if let Some(expected) = expect
+            && record.name != expected
+        {
+            return Err(damaged(format!("holds secret {:?} instead", record.name)));
         }
         Ok(record)
     }

@@ -376,10 +376,14 @@ impl Store {
             return;
         };
         let current = self.current_dir();
-        if let Ok(entries) = fs::read_dir(&current) {
-            for entry in entries.flatten() {
-                if entry.file_name().to_string_lossy().starts_with(".tmp-") {
-                    let _ = fs::remove_file(entry.path());
+        // Temporaries of an interrupted write: records inside the generation, the header at the
+        // top (an interrupted rewrap).
+        for dir in [current.as_path(), self.dir.as_path()] {
+            if let Ok(entries) = fs::read_dir(dir) {
+                for entry in entries.flatten() {
+                    if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+                        let _ = fs::remove_file(entry.path());
+                    }
                 }
             }
         }
@@ -643,10 +647,11 @@ impl Store {
         let dir = self.current_dir();
         let stamp = fs::metadata(&dir).and_then(|m| m.modified()).ok();
         let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = index.as_ref() {
-            if i.stamp.is_some() && i.stamp == stamp {
-                return Ok(i.names.clone());
-            }
+        if let Some(i) = index.as_ref()
+            && i.stamp.is_some()
+            && i.stamp == stamp
+        {
+            return Ok(i.names.clone());
         }
         let mut names = BTreeMap::new();
         let entries = fs::read_dir(&dir)

@@ -39,6 +39,22 @@ pub struct SpawnOptions {
     pub features: Vec<String>,
     /// Majors to offer (this implementation's by default).
     pub majors: Vec<u16>,
+    /// Called with each chunk of the provider's stderr and stdout as it arrives (the gateway
+    /// redacts and logs it). Everything is also kept in [`Spawned::output`].
+    pub output_sink: Option<OutputSink>,
+}
+
+/// A function called with each chunk of a provider's output.
+pub type OutputFn = dyn Fn(&[u8]) + Send + Sync;
+
+/// A callback for a provider's output, chunk by chunk.
+#[derive(Clone)]
+pub struct OutputSink(pub Arc<OutputFn>);
+
+impl std::fmt::Debug for OutputSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OutputSink")
+    }
 }
 
 impl SpawnOptions {
@@ -56,6 +72,7 @@ impl SpawnOptions {
             encodings: vec![encoding.name().to_string()],
             features: Vec::new(),
             majors: keyhole_protocol::SUPPORTED_MAJORS.to_vec(),
+            output_sink: None,
         }
     }
 }
@@ -227,10 +244,10 @@ pub async fn spawn_unconnected(
         .map(Pid::from_raw);
     let output = Captured::default();
     if let Some(stderr) = child.stderr.take() {
-        tokio::spawn(capture(stderr, output.clone()));
+        tokio::spawn(capture(stderr, output.clone(), options.output_sink.clone()));
     }
     if let Some(stdout) = child.stdout.take() {
-        tokio::spawn(capture(stdout, output.clone()));
+        tokio::spawn(capture(stdout, output.clone(), options.output_sink.clone()));
     }
     let mut process = Spawned {
         child,
@@ -269,13 +286,20 @@ pub async fn spawn_unconnected(
     }
 }
 
-async fn capture(mut pipe: impl tokio::io::AsyncRead + Unpin, into: Captured) {
+async fn capture(
+    mut pipe: impl tokio::io::AsyncRead + Unpin,
+    into: Captured,
+    sink: Option<OutputSink>,
+) {
     let mut buf = [0u8; 4096];
     while let Ok(n) = pipe.read(&mut buf).await {
         if n == 0 {
             break;
         }
         into.append(&buf[..n]);
+        if let Some(sink) = &sink {
+            (sink.0)(&buf[..n]);
+        }
     }
 }
 
