@@ -1,0 +1,279 @@
+//! The `keyhole` binary end to end, on its embedded defaults: serve, put, run, describe, list,
+//! providers, audit verify; values never on disk or in output; no orphans after kill -9.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+
+const KEYHOLE: &str = env!("CARGO_BIN_EXE_keyhole");
+
+/// A gateway running on its defaults in a private home.
+struct Gateway {
+    home: tempfile::TempDir,
+    child: Child,
+}
+
+impl Gateway {
+    fn start() -> Gateway {
+        let home = tempfile::tempdir().unwrap();
+        let mut gw = Gateway {
+            child: Command::new(KEYHOLE)
+                .arg("serve")
+                .envs(env(home.path()))
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+            home,
+        };
+        let token = gw.runtime_dir().join("client.token");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !token.exists() {
+            if let Ok(Some(status)) = gw.child.try_wait() {
+                let mut err = String::new();
+                let _ = std::io::Read::read_to_string(gw.child.stderr.as_mut().unwrap(), &mut err);
+                panic!("keyhole serve exited with {status}: {err}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keyhole serve never became ready"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        gw
+    }
+
+    fn runtime_dir(&self) -> PathBuf {
+        self.home.path().join("run").join("keyhole")
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.home.path().join("data").join("keyhole")
+    }
+
+    fn keyhole(&self, args: &[&str], stdin: &[u8]) -> Output {
+        let mut child = Command::new(KEYHOLE)
+            .args(args)
+            .envs(env(self.home.path()))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        child.wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn env(home: &Path) -> Vec<(String, String)> {
+    vec![
+        ("HOME".into(), home.display().to_string()),
+        (
+            "XDG_CONFIG_HOME".into(),
+            home.join("config").display().to_string(),
+        ),
+        (
+            "XDG_DATA_HOME".into(),
+            home.join("data").display().to_string(),
+        ),
+        (
+            "XDG_RUNTIME_DIR".into(),
+            home.join("run").display().to_string(),
+        ),
+        ("KEYHOLE_LOG".into(), "debug".into()),
+    ]
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn forms(value: &[u8]) -> Vec<Vec<u8>> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    vec![
+        value.to_vec(),
+        b64.encode(value).trim_end_matches('=').as_bytes().to_vec(),
+        hex::encode(value).into_bytes(),
+        hex::encode_upper(value).into_bytes(),
+    ]
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn scan_dir(dir: &Path, value: &[u8]) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            scan_dir(&path, value);
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            for form in forms(value) {
+                assert!(
+                    !contains(&bytes, &form),
+                    "{} holds the value",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn put_then_run_injects_and_redacts() {
+    let gw = Gateway::start();
+    let value = b"kh-canary-gateway-7d3e2b91aa";
+    let put = gw.keyhole(
+        &["put", "db/password", "--label", "team=infra"],
+        &[value.as_slice(), b"\n"].concat(),
+    );
+    assert!(put.status.success(), "{}", text(&put));
+    let handle = String::from_utf8(put.stdout.clone())
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(handle.starts_with("kh_") && handle.len() >= 29, "{handle}");
+
+    // The child sees the value; the output it prints, in any form, is redacted.
+    let script = r#"echo "raw=$DB"; printf %s "$DB" | base64; printf %s "$DB" | od -An -tx1 | tr -d ' \n'; echo; test "$DB" = "kh-canary-gateway-7d3e2b91aa" && echo injected"#;
+    let run = gw.keyhole(
+        &[
+            "run",
+            "--env",
+            &format!("DB={handle}"),
+            "--purpose",
+            "test",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+        b"",
+    );
+    assert!(run.status.success(), "{}", text(&run));
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.contains("raw=[REDACTED]"), "{stdout}");
+    assert!(stdout.contains("injected"), "{stdout}");
+    for form in forms(value) {
+        assert!(
+            !contains(&run.stdout, &form),
+            "run output leaks a form of the value: {stdout}"
+        );
+    }
+
+    // The child's exit status is keyhole run's.
+    let code = gw.keyhole(
+        &[
+            "run",
+            "--env",
+            &format!("X={handle}"),
+            "--",
+            "sh",
+            "-c",
+            "exit 7",
+        ],
+        b"",
+    );
+    assert_eq!(code.status.code(), Some(7), "{}", text(&code));
+
+    for args in [
+        vec!["describe", handle.as_str()],
+        vec!["list"],
+        vec!["providers"],
+    ] {
+        let out = gw.keyhole(&args, b"");
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+        for form in forms(value) {
+            assert!(!contains(&out.stdout, &form));
+        }
+    }
+    let list = gw.keyhole(&["list"], b"");
+    assert!(String::from_utf8_lossy(&list.stdout).contains(&handle));
+
+    let audit = gw.keyhole(&["audit", "verify"], b"");
+    assert!(audit.status.success(), "{}", text(&audit));
+    assert!(String::from_utf8_lossy(&audit.stdout).contains("intact"));
+
+    // Nothing persisted holds the value: the state database, its WAL, the store.
+    scan_dir(&gw.data_dir(), value);
+}
+
+#[test]
+fn a_handle_that_does_not_exist_says_so() {
+    let gw = Gateway::start();
+    let out = gw.keyhole(&["describe", "kh_aaaaaaaaaaaaaaaaaaaaaaaaaa"], b"");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("NotFound") && err.contains("keyhole list"),
+        "{err}"
+    );
+}
+
+#[test]
+fn without_a_gateway_the_cli_says_what_to_do() {
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(KEYHOLE)
+        .arg("list")
+        .envs(env(home.path()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("keyhole serve"), "{err}");
+}
+
+/// Pids of processes whose command line mentions `needle`.
+fn pids_mentioning(needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let zombie = stat
+                .rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
+            if !zombie && contains(&cmd, needle.as_bytes()) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn providers_exit_within_two_seconds_of_a_kill_9() {
+    let mut gw = Gateway::start();
+    let store = gw.data_dir().join("file-store").display().to_string();
+    let before = pids_mentioning(&store);
+    assert!(!before.is_empty(), "no provider process found for {store}");
+    gw.child.kill().unwrap(); // SIGKILL
+    let _ = gw.child.wait();
+    let killed = Instant::now();
+    while !pids_mentioning(&store).is_empty() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(2),
+            "the provider outlived the gateway by 2 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,303 @@
+//! The gateway service in-process: policy decides, every operation is audited (denials too),
+//! values reach the redactor, and connect mode checks the provider's token and uid.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyhole_gateway::api::{ApiOp, ApiReply};
+use keyhole_gateway::audit::{AuditLog, VerifyReport};
+use keyhole_gateway::manager::{Launch, Manager, ProviderSpec};
+use keyhole_gateway::policy::{Caller, Policy};
+use keyhole_gateway::redact::Redactor;
+use keyhole_gateway::server::Gateway;
+use keyhole_gateway::state::StateStore;
+use keyhole_protocol::{Encoding, ErrorCode, Op, Outcome, SecretBytes};
+
+fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe.parent().and_then(|d| d.parent()).unwrap().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: cargo build --workspace --bins",
+        path.display()
+    );
+    path
+}
+
+const OWNER: u32 = 1000;
+
+fn gateway() -> Arc<Gateway> {
+    let redactor = Redactor::new();
+    let spec = ProviderSpec::spawn("memory", workspace_bin("keyhole-provider-memory"), vec![]);
+    let (manager, _events) = Manager::new(vec![spec], redactor.clone());
+    Arc::new(Gateway {
+        manager,
+        state: Arc::new(StateStore::open_in_memory().unwrap()),
+        audit: Arc::new(AuditLog::open_in_memory().unwrap()),
+        policy: Policy::owner_only(),
+        redactor,
+        default_provider: "memory".into(),
+        call_timeout: Duration::from_secs(5),
+        owner_uid: OWNER,
+    })
+}
+
+fn put(name: &str, value: &[u8]) -> ApiOp {
+    ApiOp::Put {
+        name: name.into(),
+        provider: None,
+        scope: None,
+        labels: BTreeMap::new(),
+        value: SecretBytes::copy_from(value),
+    }
+}
+
+const OWNER_CALLER: Caller = Caller {
+    uid: OWNER,
+    is_owner: true,
+};
+const STRANGER: Caller = Caller {
+    uid: 4242,
+    is_owner: false,
+};
+
+#[tokio::test]
+async fn the_owner_may_and_a_stranger_may_not_and_both_are_audited() {
+    let gw = gateway();
+    let value = b"kh-canary-policy-0c9e";
+    let ApiReply::Put { handle, .. } = gw
+        .handle(&OWNER_CALLER, put("api/key", value))
+        .await
+        .unwrap()
+    else {
+        panic!("put answered something else");
+    };
+    // The value is now known to the redactor.
+    assert_eq!(
+        gw.redactor.redact_str("x kh-canary-policy-0c9e y"),
+        "x [REDACTED] y"
+    );
+
+    let resolve = |purpose: &str| ApiOp::Resolve {
+        handles: vec![handle.clone()],
+        purpose: purpose.into(),
+    };
+    let denied = gw
+        .handle(&STRANGER, resolve("curiosity"))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code, ErrorCode::PermissionDenied);
+    assert!(denied.message.contains("4242"), "{}", denied.message);
+    let describe = gw
+        .handle(
+            &STRANGER,
+            ApiOp::Describe {
+                handle: handle.clone(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(describe.code, ErrorCode::PermissionDenied);
+
+    // Even the owner must say why.
+    let no_purpose = gw.handle(&OWNER_CALLER, resolve("  ")).await.unwrap_err();
+    assert_eq!(no_purpose.code, ErrorCode::PermissionDenied);
+    assert!(
+        no_purpose.message.contains("purpose"),
+        "{}",
+        no_purpose.message
+    );
+
+    let ApiReply::Resolved { values } = gw.handle(&OWNER_CALLER, resolve("deploy")).await.unwrap()
+    else {
+        panic!("resolve answered something else");
+    };
+    assert_eq!(values[0].value.expose(), value);
+
+    // The stranger's list shows nothing of the owner's.
+    let ApiReply::Listed { handles } = gw.handle(&STRANGER, ApiOp::List {}).await.unwrap() else {
+        panic!()
+    };
+    assert!(handles.is_empty());
+
+    // Every request left a record, denials included, and the chain is intact.
+    let records = gw.audit.tail(100).unwrap();
+    let summary: Vec<(String, String, String)> = records
+        .iter()
+        .map(|r| {
+            (
+                r.entry.who.clone(),
+                r.entry.operation.clone(),
+                r.entry.outcome.clone(),
+            )
+        })
+        .collect();
+    let expect = [
+        ("uid:1000", "put", "ok"),
+        ("uid:4242", "resolve", "denied"),
+        ("uid:4242", "describe", "denied"),
+        ("uid:1000", "resolve", "denied"),
+        ("uid:1000", "resolve", "ok"),
+        ("uid:4242", "list", "ok"),
+    ];
+    let expect: Vec<(String, String, String)> = expect
+        .iter()
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+        .collect();
+    assert_eq!(summary, expect);
+    assert_eq!(records[4].entry.purpose.as_deref(), Some("deploy"));
+    assert_eq!(records[4].entry.handle.as_deref(), Some(handle.as_str()));
+    assert!(matches!(
+        gw.audit.verify().unwrap(),
+        VerifyReport::Intact { records: 6 }
+    ));
+}
+
+#[tokio::test]
+async fn rotate_and_revoke_go_through_the_provider() {
+    let gw = gateway();
+    let ApiReply::Put { handle, .. } = gw
+        .handle(&OWNER_CALLER, put("db", b"first-value"))
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let rotated = gw
+        .handle(
+            &OWNER_CALLER,
+            ApiOp::Rotate {
+                handle: handle.clone(),
+                value: SecretBytes::copy_from(b"second-value"),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(matches!(rotated, ApiReply::Rotated { ref version } if version == "2"));
+    gw.handle(
+        &OWNER_CALLER,
+        ApiOp::Revoke {
+            handle: handle.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    let err = gw
+        .handle(
+            &OWNER_CALLER,
+            ApiOp::Resolve {
+                handles: vec![handle.clone()],
+                purpose: "p".into(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::Revoked);
+    let ApiReply::Described(v) = gw
+        .handle(&OWNER_CALLER, ApiOp::Describe { handle })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(v.state, "revoked");
+    let junk = gw
+        .handle(
+            &OWNER_CALLER,
+            ApiOp::Describe {
+                handle: "../../etc".into(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(junk.code, ErrorCode::InvalidRequest);
+}
+
+/// A memory provider in connect mode, with its token file.
+async fn sidecar() -> (tempfile::TempDir, PathBuf, PathBuf, tokio::process::Child) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(
+        &token_file,
+        keyhole_transport::generate_token().unwrap().expose(),
+    )
+    .unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let sock = dir.path().join("run").join("p.sock");
+    let child = tokio::process::Command::new(workspace_bin("keyhole-provider-memory"))
+        .arg("--listen")
+        .arg(&sock)
+        .arg("--token-file")
+        .arg(&token_file)
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !sock.exists() {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (dir, sock, token_file, child)
+}
+
+fn connect_spec(sock: PathBuf, token_file: PathBuf, uid: Option<u32>) -> ProviderSpec {
+    ProviderSpec {
+        name: "sidecar".into(),
+        launch: Launch::Connect {
+            socket: sock,
+            token_file,
+            expected_uid: uid,
+        },
+        handshake_timeout: Duration::from_secs(5),
+        encoding: Encoding::Json,
+    }
+}
+
+#[tokio::test]
+async fn connect_mode_dials_a_running_provider() {
+    let (_dir, sock, token_file, _child) = sidecar().await;
+    let (manager, _events) =
+        Manager::new(vec![connect_spec(sock, token_file, None)], Redactor::new());
+    let outcome = manager
+        .call("sidecar", Op::Health {}, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(matches!(outcome, Outcome::Ok(_)));
+}
+
+#[tokio::test]
+async fn connect_mode_refuses_a_provider_running_as_another_uid() {
+    let (_dir, sock, token_file, _child) = sidecar().await;
+    let (manager, _events) = Manager::new(
+        vec![connect_spec(sock, token_file, Some(54321))],
+        Redactor::new(),
+    );
+    let err = manager
+        .call("sidecar", Op::Health {}, Duration::from_secs(5))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("54321") && err.contains("refusing"), "{err}");
+}
+
+#[tokio::test]
+async fn connect_mode_with_the_wrong_token_is_refused_clearly() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, sock, _token_file, _child) = sidecar().await;
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "not-the-token").unwrap();
+    std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (manager, _events) = Manager::new(vec![connect_spec(sock, wrong, None)], Redactor::new());
+    let err = manager
+        .call("sidecar", Op::Health {}, Duration::from_secs(5))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("Unauthenticated"), "{err}");
+}

@@ -1,0 +1,210 @@
+//! The provider manager against well-behaved and deliberately broken providers.
+
+#![allow(clippy::unwrap_used)]
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keyhole_gateway::manager::{Manager, ManagerError, ProviderSpec};
+use keyhole_gateway::redact::Redactor;
+use keyhole_protocol::{Op, Outcome, Reply, SecretBytes};
+
+/// A binary of another workspace package, built beside this test by `cargo build --workspace`.
+fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe.parent().and_then(|d| d.parent()).unwrap().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: cargo build --workspace --bins",
+        path.display()
+    );
+    path
+}
+
+fn memory(name: &str) -> ProviderSpec {
+    ProviderSpec::spawn(name, workspace_bin("keyhole-provider-memory"), vec![])
+}
+
+fn misbehaving(behaviour: &str) -> ProviderSpec {
+    ProviderSpec::spawn(
+        behaviour,
+        workspace_bin("keyhole-provider-misbehaving"),
+        vec![OsString::from("--behaviour"), OsString::from(behaviour)],
+    )
+}
+
+fn store(name: &str, value: &[u8]) -> Op {
+    Op::Store {
+        name: name.into(),
+        value: SecretBytes::copy_from(value),
+        create_only: false,
+        labels: Default::default(),
+    }
+}
+
+const DEADLINE: Duration = Duration::from_secs(3);
+
+#[tokio::test]
+async fn broken_providers_fail_clearly_and_the_good_one_keeps_serving() {
+    let specs = vec![
+        memory("good"),
+        misbehaving("exit-before-hello"),
+        misbehaving("unknown-major"),
+        misbehaving("hang"),
+        misbehaving("garbage-frame"),
+    ];
+    let (manager, _events) = Manager::new(specs, Redactor::new());
+    let started: std::collections::BTreeMap<_, _> = manager.start_all().await.into_iter().collect();
+    assert!(started["good"].is_ok());
+    let exit = started["exit-before-hello"]
+        .as_ref()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        exit.contains("exited") && exit.contains("before connecting"),
+        "{exit}"
+    );
+    let major = started["unknown-major"].as_ref().unwrap_err().to_string();
+    assert!(major.contains("IncompatibleVersion"), "{major}");
+
+    // The hanging provider answers nothing: Unavailable within the caller's deadline.
+    let t = Instant::now();
+    let hung = manager
+        .call("hang", Op::Health {}, Duration::from_millis(300))
+        .await;
+    assert!(
+        matches!(hung, Err(ManagerError::Unavailable { .. })),
+        "{hung:?}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "waited {:?}",
+        t.elapsed()
+    );
+
+    // The garbage provider breaks the connection: Unavailable, naming the fault.
+    let garbage = manager
+        .call("garbage-frame", Op::Health {}, DEADLINE)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(garbage.contains("bad frame"), "{garbage}");
+
+    // Through all of it, the good provider serves.
+    let ok = manager
+        .call("good", store("a", b"v"), DEADLINE)
+        .await
+        .unwrap();
+    assert!(matches!(ok, Outcome::Ok(Reply::Stored { .. })));
+
+    // A provider that cannot start is refused quickly while its backoff runs.
+    let t = Instant::now();
+    let again = manager
+        .call("exit-before-hello", Op::Health {}, DEADLINE)
+        .await;
+    assert!(matches!(again, Err(ManagerError::Unavailable { .. })));
+    assert!(t.elapsed() < Duration::from_secs(2));
+
+    let unknown = manager.call("nope", Op::Health {}, DEADLINE).await;
+    assert_eq!(unknown, Err(ManagerError::UnknownProvider("nope".into())));
+    manager.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn a_provider_that_goes_away_is_restarted() {
+    let (manager, _events) = Manager::new(vec![memory("m")], Redactor::new());
+    manager
+        .call("m", store("k", b"v1"), DEADLINE)
+        .await
+        .unwrap();
+    // Goodbye makes the provider exit; the manager does not know yet.
+    let bye = manager.call("m", Op::Goodbye {}, DEADLINE).await.unwrap();
+    assert_eq!(bye, Outcome::Ok(Reply::GoodbyeAck {}));
+    // The next call finds the connection closed, restarts the provider, and is answered.
+    let t = Instant::now();
+    let mut answered = None;
+    while t.elapsed() < Duration::from_secs(5) {
+        match manager.call("m", Op::Health {}, DEADLINE).await {
+            Ok(outcome) => {
+                answered = Some(outcome);
+                break;
+            }
+            Err(ManagerError::Unavailable { .. }) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(
+        matches!(answered, Some(Outcome::Ok(Reply::Health(_)))),
+        "{answered:?}"
+    );
+    let status = manager.status().await;
+    assert_eq!(status[0].restarts, 1);
+    assert!(status[0].ack.is_some());
+    manager.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A writer the test can read back, for capturing the gateway's log.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn provider_stderr_reaches_the_log_redacted() {
+    let log = Captured::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let secret = b"kh-canary-stderr-4f1d9a7c";
+    let redactor = Redactor::new();
+    assert!(redactor.add(secret));
+    // A provider that prints a known secret on stderr before it starts serving.
+    let script = format!(
+        "echo \"provider says {}\" >&2; exec \"$0\" \"$@\"",
+        String::from_utf8_lossy(secret)
+    );
+    let spec = ProviderSpec::spawn(
+        "noisy",
+        "sh",
+        vec![
+            OsString::from("-c"),
+            OsString::from(script),
+            workspace_bin("keyhole-provider-memory").into(),
+        ],
+    );
+    let (manager, _events) = Manager::new(vec![spec], redactor);
+    manager
+        .call("noisy", Op::Health {}, DEADLINE)
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let text = loop {
+        let text = String::from_utf8_lossy(&log.0.lock().unwrap()).into_owned();
+        if text.contains("provider says") || t.elapsed() > Duration::from_secs(3) {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(text.contains("provider says [REDACTED]"), "{text}");
+    assert!(
+        !text.contains(std::str::from_utf8(secret).unwrap()),
+        "{text}"
+    );
+    manager.shutdown(Duration::from_secs(1)).await;
+}
