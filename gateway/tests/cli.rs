@@ -277,3 +277,51 @@ fn providers_exit_within_two_seconds_of_a_kill_9() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Tampers with the audit table the way an attacker with file access would: around the
+/// append-only triggers.
+fn tamper(db: &Path, sql: &str) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let triggers: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'audit'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    for t in triggers {
+        conn.execute_batch(&format!("DROP TRIGGER {t}")).unwrap();
+    }
+    conn.execute_batch(sql).unwrap();
+}
+
+#[test]
+fn audit_verify_fails_and_names_the_first_broken_record() {
+    let cases = [
+        (
+            "a changed record",
+            "UPDATE audit SET outcome = 'denied', who = 'uid:4242' WHERE seq = 2",
+        ),
+        ("a deleted record", "DELETE FROM audit WHERE seq = 2"),
+        (
+            "reordered records",
+            "UPDATE audit SET seq = 1000000 WHERE seq = 2; UPDATE audit SET seq = 2 WHERE seq = 3; \
+             UPDATE audit SET seq = 3 WHERE seq = 1000000",
+        ),
+    ];
+    for (what, sql) in cases {
+        let gw = Gateway::start();
+        for _ in 0..4 {
+            assert!(gw.keyhole(&["list"], b"").status.success());
+        }
+        assert!(gw.keyhole(&["audit", "verify"], b"").status.success());
+        tamper(&gw.data_dir().join("state.db"), sql);
+        let out = gw.keyhole(&["audit", "verify"], b"");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{what}: {}", text(&out));
+        // The first damaged record is named: record 2 itself, or (after a deletion) the record
+        // that now follows a gap, with the missing one named in the reason.
+        assert!(stdout.contains("BROKEN at record") && stdout.contains("record 2"), "{what}: {stdout}");
+    }
+}
