@@ -97,7 +97,8 @@ enum AuditCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    let redactor = Redactor::new();
+    init_tracing(&redactor);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -109,7 +110,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, redactor)) {
         Ok(code) => code,
         Err(message) => {
             eprintln!("error: {message}");
@@ -118,22 +119,52 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
+/// Logs go to stderr, every line through the redactor: whatever the gateway emits, a value it
+/// has seen comes out as `[REDACTED]`.
+fn init_tracing(redactor: &Redactor) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KEYHOLE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let redactor = redactor.clone();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(move || RedactedLine {
+            redactor: redactor.clone(),
+            buf: Vec::new(),
+        })
         .with_ansi(false)
         .try_init();
 }
 
+/// One log event, buffered whole and written redacted when the formatter is done with it.
+struct RedactedLine {
+    redactor: Redactor,
+    buf: Vec<u8>,
+}
+
+impl Write for RedactedLine {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for RedactedLine {
+    fn drop(&mut self) {
+        let clean = self.redactor.redact(&self.buf);
+        let _ = std::io::stderr().write_all(&clean);
+    }
+}
+
 const CALL_DEADLINE: Duration = Duration::from_secs(30);
 
-async fn run(cli: Cli) -> Result<ExitCode, String> {
+async fn run(cli: Cli, redactor: Redactor) -> Result<ExitCode, String> {
     let config = Config::load(cli.config.as_deref()).map_err(|e| e.to_string())?;
     match cli.command {
-        Command::Serve => serve_gateway(config).await,
+        Command::Serve => serve_gateway(config, redactor).await,
         Command::Schema => {
             print!("{}", keyhole_protocol::schema_string());
             Ok(ExitCode::SUCCESS)
@@ -425,7 +456,7 @@ async fn pump(mut from: impl tokio::io::AsyncRead + Unpin, mut to: impl Write, r
 }
 
 /// `keyhole serve`.
-async fn serve_gateway(config: Config) -> Result<ExitCode, String> {
+async fn serve_gateway(config: Config, redactor: Redactor) -> Result<ExitCode, String> {
     create_private_dir(&config.data_dir)?;
     create_private_dir(&config.runtime_dir)?;
     if config.uses_embedded_providers() {
@@ -443,7 +474,6 @@ async fn serve_gateway(config: Config) -> Result<ExitCode, String> {
             config.state_db.display()
         )
     })?);
-    let redactor = Redactor::new();
     let specs = config
         .providers
         .iter()

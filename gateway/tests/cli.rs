@@ -213,6 +213,24 @@ fn put_then_run_injects_and_redacts() {
 
     // Nothing persisted holds the value: the state database, its WAL, the store.
     scan_dir(&gw.data_dir(), value);
+
+    // Nor does anything the gateway logged (at debug level), provider output included.
+    let mut gw = gw;
+    let _ = gw.child.kill();
+    let _ = gw.child.wait();
+    let mut log = Vec::new();
+    std::io::Read::read_to_end(gw.child.stderr.as_mut().unwrap(), &mut log).unwrap();
+    assert!(
+        contains(&log, b"provider is up"),
+        "{}",
+        String::from_utf8_lossy(&log)
+    );
+    for form in forms(value) {
+        assert!(
+            !contains(&log, &form),
+            "the gateway's log leaks a form of the value"
+        );
+    }
 }
 
 #[test]
@@ -322,6 +340,9 @@ fn audit_verify_fails_and_names_the_first_broken_record() {
         assert_eq!(out.status.code(), Some(1), "{what}: {}", text(&out));
         // The first damaged record is named: record 2 itself, or (after a deletion) the record
         // that now follows a gap, with the missing one named in the reason.
-        assert!(stdout.contains("BROKEN at record") && stdout.contains("record 2"), "{what}: {stdout}");
+        assert!(
+            stdout.contains("BROKEN at record") && stdout.contains("record 2"),
+            "{what}: {stdout}"
+        );
     }
 }
