@@ -15,6 +15,7 @@ pub mod api;
 pub mod audit;
 pub mod client;
 pub mod config;
+pub mod journal;
 pub mod manager;
 pub mod policy;
 pub mod redact;

@@ -515,6 +515,8 @@ async fn serve_gateway(config: Config, redactor: Redactor) -> Result<ExitCode, S
     let gateway = Arc::new(Gateway {
         manager: manager.clone(),
         state,
+        journal: keyhole_gateway::journal::Journal::start(Arc::clone(&audit))
+            .map_err(|e| format!("cannot start the audit writer: {e}"))?,
         audit,
         policy: config.policy.clone(),
         redactor,

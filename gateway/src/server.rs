@@ -15,6 +15,7 @@ use keyhole_transport::{BoxRead, BoxWrite, FrameReader, FrameWriter, socket};
 
 use crate::api::*;
 use crate::audit::{AuditEntry, AuditLog, VerifyReport};
+use crate::journal::Journal;
 use crate::manager::{Manager, ManagerError};
 use crate::policy::{Caller, Decision, Operation, Policy, Request};
 use crate::redact::Redactor;
@@ -26,8 +27,10 @@ pub struct Gateway {
     pub manager: Manager,
     /// Handles.
     pub state: Arc<StateStore>,
-    /// The audit chain.
+    /// The audit chain, for reading and verifying.
     pub audit: Arc<AuditLog>,
+    /// The audit chain's writer (group commit).
+    pub journal: Journal,
     /// Who may do what.
     pub policy: Policy,
     /// Every value seen, for redaction.

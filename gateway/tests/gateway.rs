@@ -34,10 +34,12 @@ fn gateway() -> Arc<Gateway> {
     let redactor = Redactor::new();
     let spec = ProviderSpec::spawn("memory", workspace_bin("keyhole-provider-memory"), vec![]);
     let (manager, _events) = Manager::new(vec![spec], redactor.clone());
+    let audit = Arc::new(AuditLog::open_in_memory().unwrap());
     Arc::new(Gateway {
         manager,
         state: Arc::new(StateStore::open_in_memory().unwrap()),
-        audit: Arc::new(AuditLog::open_in_memory().unwrap()),
+        journal: keyhole_gateway::journal::Journal::start(Arc::clone(&audit)).unwrap(),
+        audit,
         policy: Policy::owner_only(),
         redactor,
         default_provider: "memory".into(),
