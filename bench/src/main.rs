@@ -1,0 +1,813 @@
+//! `keyhole-bench`: every figure of the benchmark table, measured in one run on one machine, so
+//! ratios compare like with like. Prints a markdown table.
+//!
+//! Full run:  `scripts/bench` (a release build, then this binary)
+//! Smoke run: `keyhole-bench --smoke` (a few iterations of everything, so nothing rots; CI)
+//!
+//! The binary re-executes itself for its helper processes: the raw echo server (the socket
+//! floor), the gRPC server, and the spawn-per-call credential helper.
+
+#![forbid(unsafe_code)]
+
+mod grpc;
+mod stats;
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use keyhole_gateway::api::{ApiOp, ApiReply};
+use keyhole_gateway::client::GatewayClient;
+use keyhole_protocol::{Encoding, Op, Outcome, Reply, SecretBytes};
+use keyhole_provider_memory::{MemoryOptions, MemoryProvider};
+use keyhole_providers::Provider;
+use keyhole_transport::client::Client;
+use keyhole_transport::spawn::{SpawnOptions, Spawned, spawn};
+use stats::Samples;
+
+/// keyhole's benchmark harness.
+#[derive(Parser)]
+struct Cli {
+    /// A few iterations of everything: checks the harness works, measures nothing reliable.
+    #[arg(long)]
+    smoke: bool,
+    /// Also write the table to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Run only the end-to-end gateway measurement (for profiling the gateway).
+    #[arg(long)]
+    only_e2e: bool,
+    /// Internal: run the raw echo server on this socket.
+    #[arg(long, hide = true)]
+    echo_server: Option<PathBuf>,
+    /// Internal: run the gRPC server on this socket.
+    #[arg(long, hide = true)]
+    grpc_server: Option<PathBuf>,
+    /// Internal: act as a spawn-per-call credential helper.
+    #[arg(long, hide = true)]
+    credential_helper: bool,
+    /// Internal: payload size for the helper modes.
+    #[arg(long, hide = true, default_value_t = 64)]
+    size: usize,
+}
+
+/// How much of each measurement to do.
+#[derive(Clone, Copy)]
+struct Effort {
+    warmup: usize,
+    latency: usize,
+    throughput: usize,
+    spawns: usize,
+    e2e: usize,
+}
+
+const FULL: Effort = Effort {
+    warmup: 2_000,
+    latency: 20_000,
+    throughput: 200_000,
+    spawns: 200,
+    e2e: 20_000,
+};
+const SMOKE: Effort = Effort {
+    warmup: 10,
+    latency: 50,
+    throughput: 640,
+    spawns: 3,
+    e2e: 128,
+};
+
+fn main() {
+    let cli = Cli::parse();
+    let result = if let Some(path) = &cli.echo_server {
+        echo_server(path, cli.size)
+    } else if let Some(path) = &cli.grpc_server {
+        grpc::serve(path, cli.size).map_err(|e| e.to_string())
+    } else if cli.credential_helper {
+        credential_helper(cli.size)
+    } else {
+        let effort = if cli.smoke { SMOKE } else { FULL };
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| {
+                if cli.only_e2e {
+                    rt.block_on(e2e_only(effort))
+                } else {
+                    rt.block_on(run(effort, cli.smoke))
+                }
+            })
+            .and_then(|table| {
+                print!("{table}");
+                match &cli.out {
+                    Some(path) => std::fs::write(path, &table).map_err(|e| e.to_string()),
+                    None => Ok(()),
+                }
+            })
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// A binary beside this one (the workspace's build output).
+fn sibling(name: &str) -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let path = exe
+        .parent()
+        .map(|d| d.join(name))
+        .ok_or("no parent directory")?;
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{} is missing: build the workspace's binaries first (cargo build --release --workspace --bins)",
+            path.display()
+        ))
+    }
+}
+
+fn value(size: usize) -> SecretBytes {
+    SecretBytes::new((0..size).map(|i| (i % 251) as u8).collect())
+}
+
+// --- helper processes -------------------------------------------------------------------------
+
+/// The floor: echo fixed-size messages back, with blocking I/O and nothing else.
+fn echo_server(path: &Path, size: usize) -> Result<(), String> {
+    let listener = UnixListener::bind(path).map_err(|e| e.to_string())?;
+    let (mut conn, _) = listener.accept().map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; size];
+    while conn.read_exact(&mut buf).is_ok() {
+        if conn.write_all(&buf).is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// docker-credential-helpers style: read the request on stdin, write the value to stdout, exit.
+fn credential_helper(size: usize) -> Result<(), String> {
+    let mut request = String::new();
+    std::io::stdin()
+        .read_line(&mut request)
+        .map_err(|e| e.to_string())?;
+    std::io::stdout()
+        .write_all(value(size).expose())
+        .map_err(|e| e.to_string())
+}
+
+fn self_exe() -> Result<PathBuf, String> {
+    std::env::current_exe().map_err(|e| e.to_string())
+}
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for(path: &Path) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        if Instant::now() > deadline {
+            return Err(format!("{} never appeared", path.display()));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+// --- measurements -----------------------------------------------------------------------------
+
+async fn in_process(effort: Effort) -> Result<Samples, String> {
+    let p = MemoryProvider::new(MemoryOptions::default());
+    p.store(keyhole_providers::StoreRequest {
+        name: "bench".into(),
+        value: value(64),
+        create_only: false,
+        labels: BTreeMap::new(),
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let mut s = Samples::default();
+    for i in 0..effort.warmup + effort.latency {
+        let t = Instant::now();
+        let r = p.resolve("bench", None).await.map_err(|e| e.to_string())?;
+        std::hint::black_box(r);
+        if i >= effort.warmup {
+            s.push(t.elapsed());
+        }
+    }
+    Ok(s)
+}
+
+fn raw_socket(effort: Effort, size: usize, dir: &Path) -> Result<Samples, String> {
+    let path = dir.join(format!("echo-{size}"));
+    let _server = Child(
+        Command::new(self_exe()?)
+            .arg("--echo-server")
+            .arg(&path)
+            .arg("--size")
+            .arg(size.to_string())
+            .spawn()
+            .map_err(|e| e.to_string())?,
+    );
+    wait_for(&path)?;
+    let mut conn = UnixStream::connect(&path).map_err(|e| e.to_string())?;
+    let out = vec![7u8; size];
+    let mut back = vec![0u8; size];
+    let mut s = Samples::default();
+    for i in 0..effort.warmup + effort.latency {
+        let t = Instant::now();
+        conn.write_all(&out).map_err(|e| e.to_string())?;
+        conn.read_exact(&mut back).map_err(|e| e.to_string())?;
+        if i >= effort.warmup {
+            s.push(t.elapsed());
+        }
+    }
+    Ok(s)
+}
+
+/// The floor and keyhole's round trip, measured in alternating blocks so both see the same
+/// scheduler conditions: on these VMs the cost of a cross-core wake-up swings between runs, and a
+/// ratio of two measurements taken minutes apart says more about placement than about code.
+async fn paired_floor(
+    effort: Effort,
+    dir: &Path,
+    memory: &Path,
+) -> Result<(Samples, Samples), String> {
+    let path = dir.join("echo-paired");
+    let _server = Child(
+        Command::new(self_exe()?)
+            .arg("--echo-server")
+            .arg(&path)
+            .arg("--size")
+            .arg("64")
+            .spawn()
+            .map_err(|e| e.to_string())?,
+    );
+    wait_for(&path)?;
+    let mut conn = UnixStream::connect(&path).map_err(|e| e.to_string())?;
+    let running = start_provider(memory, &[], Encoding::Bincode).await?;
+    store(&running.client, 64).await?;
+    let (mut raw, mut kh) = (Samples::default(), Samples::default());
+    let rounds = 20;
+    let block = (effort.latency / rounds).max(1);
+    let (out, mut back) = (vec![7u8; 64], vec![0u8; 64]);
+    for round in 0..rounds + 1 {
+        let keep = round > 0; // the first round is warm-up
+        for _ in 0..block {
+            let t = Instant::now();
+            conn.write_all(&out).map_err(|e| e.to_string())?;
+            conn.read_exact(&mut back).map_err(|e| e.to_string())?;
+            if keep {
+                raw.push(t.elapsed());
+            }
+        }
+        for _ in 0..block {
+            let t = Instant::now();
+            match running
+                .client
+                .call(resolve_op(), Duration::from_secs(10))
+                .await
+            {
+                Ok(Outcome::Ok(Reply::Resolved { .. })) => {}
+                other => return Err(format!("resolve failed: {other:?}")),
+            }
+            if keep {
+                kh.push(t.elapsed());
+            }
+        }
+    }
+    let _ = running
+        .client
+        .call(Op::Goodbye {}, Duration::from_secs(2))
+        .await;
+    Ok((raw, kh))
+}
+
+/// A provider started the gateway's way, with one connection.
+struct Running {
+    client: Arc<Client>,
+    process: Spawned,
+}
+
+async fn start_provider(
+    program: &Path,
+    args: &[OsString],
+    encoding: Encoding,
+) -> Result<Running, String> {
+    let (process, conn) = spawn(&SpawnOptions::new(program, args.to_vec(), encoding))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    Ok(Running {
+        client: Arc::new(Client::start(conn.reader, conn.writer, conn.ack, tx)),
+        process,
+    })
+}
+
+async fn store(client: &Client, size: usize) -> Result<(), String> {
+    let op = Op::Store {
+        name: "bench".into(),
+        value: value(size),
+        create_only: false,
+        labels: BTreeMap::new(),
+    };
+    match client.call(op, Duration::from_secs(10)).await {
+        Ok(Outcome::Ok(Reply::Stored { .. })) => Ok(()),
+        other => Err(format!("store failed: {other:?}")),
+    }
+}
+
+fn resolve_op() -> Op {
+    Op::Resolve {
+        name: "bench".into(),
+        version: None,
+    }
+}
+
+async fn round_trip(client: &Client, effort: Effort) -> Result<Samples, String> {
+    let mut s = Samples::default();
+    for i in 0..effort.warmup + effort.latency {
+        let t = Instant::now();
+        match client.call(resolve_op(), Duration::from_secs(10)).await {
+            Ok(Outcome::Ok(Reply::Resolved { .. })) => {}
+            other => return Err(format!("resolve failed: {other:?}")),
+        }
+        if i >= effort.warmup {
+            s.push(t.elapsed());
+        }
+    }
+    Ok(s)
+}
+
+/// Resolves per second with `in_flight` requests outstanding on one connection.
+async fn throughput(client: &Arc<Client>, in_flight: usize, total: usize) -> Result<f64, String> {
+    let per_task = total / in_flight;
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..in_flight {
+        let client = Arc::clone(client);
+        tasks.spawn(async move {
+            for _ in 0..per_task {
+                match client.call(resolve_op(), Duration::from_secs(30)).await {
+                    Ok(Outcome::Ok(Reply::Resolved { .. })) => {}
+                    other => return Err(format!("resolve failed: {other:?}")),
+                }
+            }
+            Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.map_err(|e| e.to_string())??;
+    }
+    Ok((per_task * in_flight) as f64 / started.elapsed().as_secs_f64())
+}
+
+fn spawn_per_call(effort: Effort) -> Result<Samples, String> {
+    let exe = self_exe()?;
+    let mut s = Samples::default();
+    for i in 0..effort.spawns + 3 {
+        let t = Instant::now();
+        let mut child = Command::new(&exe)
+            .arg("--credential-helper")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(b"bench\n").map_err(|e| e.to_string())?;
+        }
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        if out.stdout.len() != 64 {
+            return Err("the credential helper answered the wrong length".into());
+        }
+        if i >= 3 {
+            s.push(t.elapsed());
+        }
+    }
+    Ok(s)
+}
+
+async fn spawn_handshake(program: &Path, effort: Effort) -> Result<Samples, String> {
+    let mut s = Samples::default();
+    for i in 0..effort.spawns + 3 {
+        let t = Instant::now();
+        let mut running = start_provider(program, &[], Encoding::Bincode).await?;
+        if i >= 3 {
+            s.push(t.elapsed());
+        }
+        let _ = running
+            .client
+            .call(Op::Goodbye {}, Duration::from_secs(2))
+            .await;
+        running.process.wait_exit(Duration::from_secs(2)).await;
+    }
+    Ok(s)
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+}
+
+/// The gateway end to end: `keyhole serve` on its defaults (the file provider, SQLite, durable
+/// audit with group commit), clients resolving through its socket.
+struct E2e {
+    one: Samples,
+    one_rate: f64,
+    many_rate: f64,
+    many: Samples,
+    rss_idle_kib: u64,
+    rss_load_kib: u64,
+}
+
+async fn end_to_end(effort: Effort, home: &Path) -> Result<E2e, String> {
+    let keyhole = sibling("keyhole")?;
+    let env = [
+        ("HOME", home.to_path_buf()),
+        ("XDG_CONFIG_HOME", home.join("config")),
+        ("XDG_DATA_HOME", home.join("data")),
+        ("XDG_RUNTIME_DIR", home.join("run")),
+    ];
+    let mut serve = Command::new(&keyhole);
+    serve
+        .arg("serve")
+        .env("KEYHOLE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in &env {
+        serve.env(k, v);
+    }
+    let server = Child(serve.spawn().map_err(|e| e.to_string())?);
+    let runtime = home.join("run").join("keyhole");
+    let (socket, token) = (runtime.join("keyhole.sock"), runtime.join("client.token"));
+    wait_for(&token)?;
+    let connect = || GatewayClient::connect(&socket, &token, Duration::from_secs(5));
+    let mut client = connect().await.map_err(|e| e.to_string())?;
+    let put = ApiOp::Put {
+        name: "bench".into(),
+        provider: None,
+        scope: None,
+        labels: BTreeMap::new(),
+        value: value(64),
+    };
+    let ApiReply::Put { handle, .. } = client
+        .call(put, Duration::from_secs(10))
+        .await
+        .map_err(|e| e.to_string())?
+    else {
+        return Err("put answered something else".into());
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_idle_kib = rss_kib(server.0.id()).unwrap_or(0);
+    let resolve = |h: &str| ApiOp::Resolve {
+        handles: vec![h.to_string()],
+        purpose: "benchmark".into(),
+    };
+
+    let mut one = Samples::default();
+    let n = effort.e2e / 4;
+    let started = Instant::now();
+    for _ in 0..n {
+        let t = Instant::now();
+        client
+            .call(resolve(&handle), Duration::from_secs(10))
+            .await
+            .map_err(|e| e.to_string())?;
+        one.push(t.elapsed());
+    }
+    let one_rate = n as f64 / started.elapsed().as_secs_f64();
+
+    let clients = 64;
+    let per_client = (effort.e2e / clients).max(1);
+    let mut tasks = tokio::task::JoinSet::new();
+    let started = Instant::now();
+    for _ in 0..clients {
+        let (socket, token, handle) = (socket.clone(), token.clone(), handle.clone());
+        tasks.spawn(async move {
+            let mut c = GatewayClient::connect(&socket, &token, Duration::from_secs(5))
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut s = Samples::default();
+            for _ in 0..per_client {
+                let t = Instant::now();
+                let op = ApiOp::Resolve {
+                    handles: vec![handle.clone()],
+                    purpose: "benchmark".into(),
+                };
+                c.call(op, Duration::from_secs(30))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                s.push(t.elapsed());
+            }
+            Ok::<Samples, String>(s)
+        });
+    }
+    let mut rss_load_kib = rss_idle_kib;
+    let mut many = Samples::default();
+    loop {
+        tokio::select! {
+            done = tasks.join_next() => match done {
+                Some(r) => many.extend(r.map_err(|e| e.to_string())??),
+                None => break,
+            },
+            () = tokio::time::sleep(Duration::from_millis(50)) => {
+                rss_load_kib = rss_load_kib.max(rss_kib(server.0.id()).unwrap_or(0));
+            }
+        }
+    }
+    rss_load_kib = rss_load_kib.max(rss_kib(server.0.id()).unwrap_or(0));
+    let many_rate = (per_client * clients) as f64 / started.elapsed().as_secs_f64();
+    Ok(E2e {
+        one,
+        one_rate,
+        many_rate,
+        many,
+        rss_idle_kib,
+        rss_load_kib,
+    })
+}
+
+async fn e2e_only(effort: Effort) -> Result<String, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let e = end_to_end(effort, &dir.path().join("home")).await?;
+    Ok(format!(
+        "1 client: {:.0}/s p50 {} p99 {}\n64 clients: {:.0}/s p50 {} p99 {}\nRSS idle {} KiB, load {} KiB\n",
+        e.one_rate,
+        stats::fmt(e.one.p50()),
+        stats::fmt(e.one.p99()),
+        e.many_rate,
+        stats::fmt(e.many.p50()),
+        stats::fmt(e.many.p99()),
+        e.rss_idle_kib,
+        e.rss_load_kib
+    ))
+}
+
+async fn grpc_round_trip(effort: Effort, dir: &Path) -> Result<Samples, String> {
+    let path = dir.join("grpc.sock");
+    let _server = Child(
+        Command::new(self_exe()?)
+            .arg("--grpc-server")
+            .arg(&path)
+            .arg("--size")
+            .arg("64")
+            .spawn()
+            .map_err(|e| e.to_string())?,
+    );
+    wait_for(&path)?;
+    let ns = grpc::measure(&path, effort.warmup, effort.latency)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(Samples::from_nanos(ns))
+}
+
+// --- the table --------------------------------------------------------------------------------
+
+struct Row {
+    figure: String,
+    measured: String,
+    goal: String,
+    met: Option<bool>,
+}
+
+fn row(
+    figure: impl Into<String>,
+    measured: impl Into<String>,
+    goal: impl Into<String>,
+    met: Option<bool>,
+) -> Row {
+    Row {
+        figure: figure.into(),
+        measured: measured.into(),
+        goal: goal.into(),
+        met,
+    }
+}
+
+async fn run(effort: Effort, smoke: bool) -> Result<String, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let memory = sibling("keyhole-provider-memory")?;
+    let file = sibling("keyhole-provider-file")?;
+    eprintln!("floors...");
+    let inproc = in_process(effort).await?;
+    let raw64 = raw_socket(effort, 64, dir.path())?;
+    let raw4k = raw_socket(effort, 4096, dir.path())?;
+
+    // The file provider needs a store.
+    let store_dir = dir.path().join("store");
+    let key = dir.path().join("kek");
+    let init = Command::new(&file)
+        .args(["init", "--generate-key", "--store"])
+        .arg(&store_dir)
+        .arg("--key-file")
+        .arg(&key)
+        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .map_err(|e| e.to_string())?;
+    if !init.success() {
+        return Err("keyhole-provider-file init failed".into());
+    }
+    let file_args: Vec<OsString> = vec![
+        "--store".into(),
+        store_dir.into(),
+        "--key-file".into(),
+        key.into(),
+    ];
+
+    let mut rows = Vec::new();
+    let mut keyhole_p50 = std::collections::HashMap::new();
+    let mut memory_rate = 0.0;
+    for (label, program, args) in [
+        ("memory", &memory, Vec::new()),
+        ("file", &file, file_args.clone()),
+    ] {
+        for encoding in [Encoding::Bincode, Encoding::Json] {
+            for size in [64usize, 4096] {
+                eprintln!("keyhole round trip: {label} {encoding} {size} B...");
+                let running = start_provider(program, &args, encoding).await?;
+                store(&running.client, size).await?;
+                let s = round_trip(&running.client, effort).await?;
+                keyhole_p50.insert((label, encoding, size), s.p50());
+                let floor = if size == 64 { &raw64 } else { &raw4k };
+                let mut measured =
+                    format!("p50 {} · p99 {}", stats::fmt(s.p50()), stats::fmt(s.p99()));
+                measured.push_str(&format!(" · {:.2}× the raw socket", s.p50() / floor.p50()));
+                // The 1.25x goal is decided by the interleaved row below, not by this one.
+                let (goal, met) = (String::new(), None);
+                rows.push(row(
+                    format!("keyhole resolve, {label}, {encoding}, {size} B, 1 in flight"),
+                    measured,
+                    goal,
+                    met,
+                ));
+                if size == 64 {
+                    let rate = throughput(&running.client, 64, effort.throughput).await?;
+                    if label == "memory" && encoding == Encoding::Bincode {
+                        memory_rate = rate;
+                    }
+                    let (goal, met) = if label == "memory" && encoding == Encoding::Bincode {
+                        ("≥ 100k resolves/s".to_string(), Some(rate >= 100_000.0))
+                    } else {
+                        (String::new(), None)
+                    };
+                    rows.push(row(format!("keyhole resolve, {label}, {encoding}, 64 B, 64 in flight, one connection"), format!("{:.0} resolves/s", rate), goal, met));
+                }
+                let _ = running
+                    .client
+                    .call(Op::Goodbye {}, Duration::from_secs(2))
+                    .await;
+            }
+        }
+    }
+    let _ = memory_rate;
+    let kb = keyhole_p50[&("memory", Encoding::Bincode, 64)];
+    let kj = keyhole_p50[&("memory", Encoding::Json, 64)];
+    rows.push(row(
+        "JSON vs bincode, memory, 64 B, p50",
+        format!("{:.2}×", kj / kb),
+        "≤ 1.5×",
+        Some(kj <= 1.5 * kb),
+    ));
+
+    eprintln!("interleaved: raw socket vs keyhole...");
+    let (praw, pkh) = paired_floor(effort, dir.path(), &memory).await?;
+    rows.push(row(
+        "interleaved: keyhole resolve (memory, bincode, 64 B) vs raw socket ping-pong (64 B), 1 in flight",
+        format!(
+            "keyhole p50 {} · raw p50 {} · {:.2}×",
+            stats::fmt(pkh.p50()),
+            stats::fmt(praw.p50()),
+            pkh.p50() / praw.p50()
+        ),
+        "≤ 1.25× (this row decides the goal)",
+        Some(pkh.p50() <= 1.25 * praw.p50()),
+    ));
+
+    eprintln!("gRPC...");
+    let g = grpc_round_trip(effort, dir.path()).await?;
+    rows.push(row(
+        "tonic gRPC unary over UDS, 64 B, 1 in flight",
+        format!(
+            "p50 {} · p99 {} · keyhole is {:.2}× faster",
+            stats::fmt(g.p50()),
+            stats::fmt(g.p99()),
+            g.p50() / kb
+        ),
+        "keyhole ≥ 2.5× faster",
+        Some(g.p50() >= 2.5 * kb),
+    ));
+
+    eprintln!("spawn per call...");
+    let sp = spawn_per_call(effort)?;
+    rows.push(row(
+        "spawn-per-call helper (stdin → stdout), 64 B",
+        format!(
+            "p50 {} · p99 {} · keyhole is {:.1}× faster",
+            stats::fmt(sp.p50()),
+            stats::fmt(sp.p99()),
+            sp.p50() / kb
+        ),
+        "keyhole ≥ 10× faster",
+        Some(sp.p50() >= 10.0 * kb),
+    ));
+
+    eprintln!("spawn + handshake...");
+    let sh = spawn_handshake(&memory, effort).await?;
+    rows.push(row(
+        "provider spawn + handshake (memory)",
+        format!(
+            "p50 {} · p99 {}",
+            stats::fmt(sh.p50()),
+            stats::fmt(sh.p99())
+        ),
+        "≤ 10 ms p50",
+        Some(sh.p50() <= 10e6),
+    ));
+
+    eprintln!("gateway end to end...");
+    let e = end_to_end(effort, &dir.path().join("home")).await?;
+    rows.push(row(
+        "end to end (client → gateway → file, policy, durable audit), 1 client",
+        format!(
+            "{:.0} resolves/s · p50 {} · p99 {}",
+            e.one_rate,
+            stats::fmt(e.one.p50()),
+            stats::fmt(e.one.p99())
+        ),
+        "p99 ≤ 1 ms",
+        Some(e.one.p99() <= 1e6),
+    ));
+    rows.push(row(
+        "end to end, 64 clients",
+        format!(
+            "{:.0} resolves/s · p50 {} · p99 {}",
+            e.many_rate,
+            stats::fmt(e.many.p50()),
+            stats::fmt(e.many.p99())
+        ),
+        "≥ 20k resolves/s",
+        Some(e.many_rate >= 20_000.0),
+    ));
+    rows.push(row(
+        "gateway RSS",
+        format!(
+            "idle {:.1} MiB · under 64-client load {:.1} MiB",
+            e.rss_idle_kib as f64 / 1024.0,
+            e.rss_load_kib as f64 / 1024.0
+        ),
+        "≤ 20 MiB idle, ≤ 64 MiB under load",
+        Some(e.rss_idle_kib <= 20 * 1024 && e.rss_load_kib <= 64 * 1024),
+    ));
+
+    let mut table = String::new();
+    if smoke {
+        table.push_str("SMOKE RUN: a few iterations each; these numbers mean nothing.\n\n");
+    }
+    table.push_str("| figure | measured | goal | met |\n|---|---|---|---|\n");
+    table.push_str(&format!(
+        "| floor: in-process call to the memory provider, 64 B | p50 {} · p99 {} | | |\n",
+        stats::fmt(inproc.p50()),
+        stats::fmt(inproc.p99())
+    ));
+    table.push_str(&format!(
+        "| floor: raw Unix-socket ping-pong, 64 B | p50 {} · p99 {} | | |\n",
+        stats::fmt(raw64.p50()),
+        stats::fmt(raw64.p99())
+    ));
+    table.push_str(&format!(
+        "| floor: raw Unix-socket ping-pong, 4 KiB | p50 {} · p99 {} | | |\n",
+        stats::fmt(raw4k.p50()),
+        stats::fmt(raw4k.p99())
+    ));
+    for r in rows {
+        let met = match r.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "",
+        };
+        table.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            r.figure, r.measured, r.goal, met
+        ));
+    }
+    Ok(table)
+}
