@@ -1108,7 +1108,6 @@ async fn idempotency_repeat(ctx: &Ctx<'_>) -> Verdict {
 
 async fn concurrency_64(ctx: &Ctx<'_>) -> Verdict {
     const N: usize = 64;
-    let client = &ctx.conn.client;
     if ctx.caps.store {
         let names: Vec<String> = (0..N).map(|i| ctx.name(&format!("c{i}"))).collect();
         let values: Vec<SecretBytes> = (0..N).map(|_| ctx.secret("c")).collect();
@@ -1121,34 +1120,20 @@ async fn concurrency_64(ctx: &Ctx<'_>) -> Verdict {
                 create_only: false,
                 labels: BTreeMap::new(),
             };
-            pending.push(client.start_call(op, ctx.timeout()).await);
+            pending.push(ctx.start(op).await?);
         }
         for p in pending {
-            let p = p.map_err(|e| {
-                ctx.record(Err(e))
-                    .err()
-                    .unwrap_or(Miss::Fail("send failed".into()))
-            })?;
-            match ctx.record(client.finish(p).await)? {
+            match ctx.finish(p).await? {
                 Outcome::Ok(Reply::Stored { .. }) => {}
                 other => return fail(format!("a concurrent store answered {other:?}")),
             }
         }
         let mut pending = Vec::new();
         for name in names.iter().rev() {
-            pending.push(
-                client
-                    .start_call(ctx.resolve_op(name, None), ctx.timeout())
-                    .await,
-            );
+            pending.push(ctx.start(ctx.resolve_op(name, None)).await?);
         }
         for (p, (name, value)) in pending.into_iter().zip(names.iter().zip(&values).rev()) {
-            let p = p.map_err(|e| {
-                ctx.record(Err(e))
-                    .err()
-                    .unwrap_or(Miss::Fail("send failed".into()))
-            })?;
-            match ctx.record(client.finish(p).await)? {
+            match ctx.finish(p).await? {
                 Outcome::Ok(Reply::Resolved { value: got, .. }) => {
                     ensure!(
                         got == *value,
@@ -1174,15 +1159,10 @@ async fn concurrency_64(ctx: &Ctx<'_>) -> Verdict {
                 name: ctx.name("c"),
             },
         };
-        pending.push((i % 3, client.start_call(op, ctx.timeout()).await));
+        pending.push((i % 3, ctx.start(op).await?));
     }
     for (kind, p) in pending {
-        let p = p.map_err(|e| {
-            ctx.record(Err(e))
-                .err()
-                .unwrap_or(Miss::Fail("send failed".into()))
-        })?;
-        let outcome = ctx.record(client.finish(p).await)?;
+        let outcome = ctx.finish(p).await?;
         let right = match (kind, &outcome) {
             (0, Outcome::Ok(Reply::Health(_))) => true,
             (_, Outcome::Err(e)) if kind != 0 => e.code == ErrorCode::NotFound,
@@ -1254,15 +1234,7 @@ async fn cancel_unknown_id(ctx: &Ctx<'_>) -> Verdict {
 }
 
 async fn cancel_in_flight(ctx: &Ctx<'_>) -> Verdict {
-    let client = &ctx.conn.client;
-    let target = client
-        .start_call(Op::Health {}, ctx.timeout())
-        .await
-        .map_err(|e| {
-            ctx.record(Err(e))
-                .err()
-                .unwrap_or(Miss::Fail("send failed".into()))
-        })?;
+    let target = ctx.start(Op::Health {}).await?;
     let cancel = ctx
         .ok(
             Op::Cancel { id: target.id },
@@ -1273,7 +1245,7 @@ async fn cancel_in_flight(ctx: &Ctx<'_>) -> Verdict {
         matches!(cancel, Reply::CancelAck { .. }),
         "Cancel answered {cancel:?}"
     );
-    match ctx.record(client.finish(target).await)? {
+    match ctx.finish(target).await? {
         Outcome::Ok(Reply::Health(_)) => {}
         Outcome::Err(e) if e.code == ErrorCode::Cancelled => {}
         other => {
@@ -1283,21 +1255,13 @@ async fn cancel_in_flight(ctx: &Ctx<'_>) -> Verdict {
         }
     }
     if ctx.caps.watch {
-        let watch = client
-            .start_call(
-                Op::Watch {
-                    prefix: ctx.name("cancel-watch"),
-                },
-                ctx.timeout(),
-            )
-            .await
-            .map_err(|e| {
-                ctx.record(Err(e))
-                    .err()
-                    .unwrap_or(Miss::Fail("send failed".into()))
-            })?;
+        let watch = ctx
+            .start(Op::Watch {
+                prefix: ctx.name("cancel-watch"),
+            })
+            .await?;
         let id = watch.id;
-        match ctx.record(client.finish(watch).await)? {
+        match ctx.finish(watch).await? {
             Outcome::Ok(Reply::Watching {}) => {}
             other => return fail(format!("Watch answered {other:?}")),
         }
@@ -1319,23 +1283,14 @@ async fn cancel_in_flight(ctx: &Ctx<'_>) -> Verdict {
 async fn watch_events(ctx: &Ctx<'_>) -> Verdict {
     ctx.need(ctx.caps.watch, "watch")?;
     ctx.need(ctx.caps.store, "store (to cause a change)")?;
-    let client = &ctx.conn.client;
     let prefix = format!("{}/", ctx.name("watched"));
-    let watch = client
-        .start_call(
-            Op::Watch {
-                prefix: prefix.clone(),
-            },
-            ctx.timeout(),
-        )
-        .await
-        .map_err(|e| {
-            ctx.record(Err(e))
-                .err()
-                .unwrap_or(Miss::Fail("send failed".into()))
-        })?;
+    let watch = ctx
+        .start(Op::Watch {
+            prefix: prefix.clone(),
+        })
+        .await?;
     let id = watch.id;
-    match ctx.record(client.finish(watch).await)? {
+    match ctx.finish(watch).await? {
         Outcome::Ok(Reply::Watching {}) => {}
         other => return fail(format!("Watch answered {other:?}")),
     }

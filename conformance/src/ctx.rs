@@ -9,7 +9,7 @@ use base64::Engine as _;
 use keyhole_protocol::{
     Capabilities, Encoding, ErrorCode, Op, Outcome, ProviderError, Reply, SecretBytes,
 };
-use keyhole_transport::client::CallError;
+use keyhole_transport::client::{CallError, PendingCall};
 
 use crate::Options;
 use crate::target::{Conn, Target};
@@ -164,6 +164,23 @@ impl<'a> Ctx<'a> {
     pub async fn call(&self, op: Op) -> Result<Outcome, Miss> {
         let result = self.conn.client.call(op, self.timeout()).await;
         self.record(result)
+    }
+
+    /// Sends `op` without waiting for its answer. A send failure trips the breaker like any
+    /// other transport failure.
+    pub async fn start(&self, op: Op) -> Result<PendingCall, Miss> {
+        match self.conn.client.start_call(op, self.timeout()).await {
+            Ok(call) => Ok(call),
+            Err(e) => Err(self
+                .record(Err(e))
+                .err()
+                .unwrap_or_else(|| Miss::Fail("send failed".into()))),
+        }
+    }
+
+    /// Waits for a call sent with [`Ctx::start`], recording its answer.
+    pub async fn finish(&self, call: PendingCall) -> Result<Outcome, Miss> {
+        self.record(self.conn.client.finish(call).await)
     }
 
     pub fn record(&self, result: Result<Outcome, CallError>) -> Result<Outcome, Miss> {
