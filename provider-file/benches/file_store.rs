@@ -52,11 +52,17 @@ fn resolve(c: &mut Criterion) {
         }
         let names: Vec<String> = (0..n).map(name).collect();
         let mut i = 0usize;
+        // Every resolve touches another record: the honest worst case, and the figure the
+        // 1.2x goal is judged on. It includes CPU-cache misses over the whole store.
         group.bench_with_input(BenchmarkId::new("records", n), &n, |b, &n| {
             b.iter(|| {
                 i = (i + 7919) % n; // stride through the whole store
                 black_box(store.resolve(&names[i], None).expect("resolve"))
             })
+        });
+        // The same name again and again: what the lookup itself costs as the store grows.
+        group.bench_with_input(BenchmarkId::new("same-name", n), &n, |b, _| {
+            b.iter(|| black_box(store.resolve(&names[0], None).expect("resolve")))
         });
     }
     group.finish();

@@ -3,12 +3,15 @@
 //! ```text
 //! DIR/header.json     store id, generation, KEK parameters, KEK check value
 //! DIR/lock            held exclusively across every read-modify-write
+//! DIR/counter         bumped by every write, so readers know when their cache is stale
 //! DIR/gen-<G>/<hex>   one record file per secret (see record.rs)
 //! ```
 //!
 //! Every write is a temporary file, fsync, rename over the record, fsync of the directory, all
 //! under the lock. Readers take no lock: a rename is atomic, so they see the old record or the new
-//! one. `rewrap` writes a whole new generation and commits by replacing the header.
+//! one. Parsed records (ciphertexts only) are cached in memory and trusted only while the write
+//! counter is unchanged, so a resolve costs one read of one hot 8-byte file however many records
+//! the store holds, and still sees every write another process has acknowledged. `rewrap` writes a whole new generation and commits by replacing the header.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -28,6 +31,7 @@ use crate::record::{self, Record, SealedVersion};
 
 const HEADER: &str = "header.json";
 const LOCK: &str = "lock";
+const COUNTER: &str = "counter";
 const FORMAT_NAME: &str = "keyhole-file-store";
 const FORMAT_VERSION: u32 = 1;
 
@@ -83,6 +87,12 @@ pub struct VerifyReport {
     pub damaged: Vec<(String, String)>,
 }
 
+/// Most records kept parsed in memory (a few hundred bytes each).
+const MAX_CACHED_RECORDS: usize = 200_000;
+
+/// Cached records by name, with the generation and write counter they were read at.
+type RecordCache = std::collections::HashMap<String, (u64, u64, std::sync::Arc<Record>)>;
+
 /// An unlocked store.
 pub struct Store {
     dir: PathBuf,
@@ -91,6 +101,11 @@ pub struct Store {
     options: StoreOptions,
     generation: Mutex<u64>,
     index: Mutex<Option<NameIndex>>,
+    /// The store-wide write counter (`DIR/counter`), bumped under the lock by every write.
+    counter: File,
+    /// Parsed records (ciphertexts and wrapped DEKs only, never a plaintext), each tagged with
+    /// the generation and write counter it was read at; used only while both still match.
+    cache: Mutex<RecordCache>,
 }
 
 /// Names to record files, for List, rebuilt when the generation directory changes.
@@ -192,6 +207,41 @@ fn lock(dir: &Path, timeout: Duration) -> Result<LockGuard, StoreError> {
             }
         }
     }
+}
+
+/// Opens (creating, 0600) the store's write counter.
+fn open_counter(dir: &Path) -> Result<File, StoreError> {
+    let path = dir.join(COUNTER);
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options
+        .open(&path)
+        .map_err(|e| StoreError::io(format!("cannot open {}", path.display()), e))
+}
+
+/// The write counter: 8 bytes, little-endian; a missing or short file reads as 0.
+fn read_counter(file: &File) -> Result<u64, StoreError> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 8];
+    let n = file
+        .read_at(&mut buf, 0)
+        .map_err(|e| StoreError::io("cannot read the store's write counter", e))?;
+    Ok(if n == 8 { u64::from_le_bytes(buf) } else { 0 })
+}
+
+/// Bumps the write counter. Called under the store lock, after the record is durable and
+/// before the write is acknowledged. Not fsynced: after a crash every cache starts empty.
+fn bump_counter(file: &File) -> Result<(), StoreError> {
+    use std::os::unix::fs::FileExt;
+    let next = read_counter(file)?.wrapping_add(1);
+    file.write_at(&next.to_le_bytes(), 0)
+        .map_err(|e| StoreError::io("cannot bump the store's write counter", e))?;
+    Ok(())
 }
 
 fn read_header(dir: &Path) -> Result<Header, StoreError> {
@@ -365,6 +415,8 @@ impl Store {
             options,
             generation: Mutex::new(generation),
             index: Mutex::new(None),
+            counter: open_counter(dir)?,
+            cache: Mutex::new(std::collections::HashMap::new()),
         };
         store.clean_leftovers();
         Ok(store)
@@ -413,11 +465,41 @@ impl Store {
 
     /// Reads `name`'s record, following a generation change made by another process's rewrap.
     fn read(&self, name: &str) -> Result<Option<Record>, StoreError> {
+        Ok(self.read_shared(name)?.map(|r| (*r).clone()))
+    }
+
+    /// Reads `name`'s record, from memory when no write has happened since it was cached. The
+    /// counter is read before the file, so a concurrent write can only make the entry stale
+    /// early, never late: any write acknowledged before this call began is seen.
+    fn read_shared(&self, name: &str) -> Result<Option<std::sync::Arc<Record>>, StoreError> {
+        let count = read_counter(&self.counter)?;
+        let generation = *self.generation.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((g, c, record)) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            && *g == generation
+            && *c == count
+        {
+            return Ok(Some(std::sync::Arc::clone(record)));
+        }
         let file = record::file_name(name);
         for attempt in 0..2 {
             let path = self.current_dir().join(&file);
             match fs::read(&path) {
-                Ok(bytes) => return Record::decode(&bytes, &file, Some(name)).map(Some),
+                Ok(bytes) => {
+                    let record = std::sync::Arc::new(Record::decode(&bytes, &file, Some(name))?);
+                    let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+                    if cache.len() >= MAX_CACHED_RECORDS {
+                        cache.clear(); // bounded memory; the next reads refill it
+                    }
+                    cache.insert(
+                        name.to_string(),
+                        (generation, count, std::sync::Arc::clone(&record)),
+                    );
+                    return Ok(Some(record));
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     if attempt == 0 && self.follow_generation()? {
                         continue;
@@ -448,6 +530,8 @@ impl Store {
     fn write(&self, record: &Record) -> Result<(), StoreError> {
         let file = record::file_name(&record.name);
         write_atomic(&self.current_dir(), &file, &record.encode()?, self.sync())?;
+        // Before the write is acknowledged, every reader's cache must stop trusting it.
+        bump_counter(&self.counter)?;
         if let Some(index) = self
             .index
             .lock()
@@ -495,7 +579,7 @@ impl Store {
         version: Option<&str>,
     ) -> Result<(SecretBytes, String), StoreError> {
         let record = self
-            .read(name)?
+            .read_shared(name)?
             .ok_or_else(|| StoreError::NotFound(name.into()))?;
         if record.revoked {
             return Err(StoreError::Revoked(name.into()));
@@ -843,6 +927,8 @@ pub fn rewrap(
         ..header
     };
     write_header(dir, &new_header)?;
+    // Readers in other processes must drop what they cached from the old generation.
+    bump_counter(&open_counter(dir)?)?;
     let _ = fs::remove_dir_all(&source);
     Ok(count)
 }
