@@ -61,19 +61,18 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let target = match (&cli.socket, &cli.token_file, cli.command.split_first()) {
-        (Some(path), Some(token_file), None) => match std::fs::read_to_string(token_file) {
-            Ok(text) => Target::Socket {
-                path: path.clone(),
-                token: keyhole_protocol::Token::new(text.trim_end().to_string()),
-            },
-            Err(e) => {
-                eprintln!(
-                    "error: could not read token file {}: {e}",
-                    token_file.display()
-                );
-                return ExitCode::from(2);
+        (Some(path), Some(token_file), None) => {
+            match keyhole_transport::read_token_file(token_file) {
+                Ok(token) => Target::Socket {
+                    path: path.clone(),
+                    token,
+                },
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
             }
-        },
+        }
         (None, None, Some((program, args))) => Target::Spawn {
             program: program.clone(),
             args: args.to_vec(),

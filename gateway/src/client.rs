@@ -3,9 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use keyhole_protocol::{
-    DEFAULT_MAX_FRAME, Encoding, HANDSHAKE_MAJOR, HANDSHAKE_MAX_FRAME, Token, decode,
-};
+use keyhole_protocol::{DEFAULT_MAX_FRAME, Encoding, HANDSHAKE_MAJOR, HANDSHAKE_MAX_FRAME, decode};
 use keyhole_transport::{BoxRead, BoxWrite, FrameReader, FrameWriter, socket};
 
 use crate::api::{
@@ -40,13 +38,8 @@ impl GatewayClient {
         deadline: Duration,
     ) -> Result<GatewayClient, ClientError> {
         let t = |e: String| ClientError::Transport(e);
-        let text = zeroize::Zeroizing::new(std::fs::read_to_string(token_file).map_err(|e| {
-            t(format!(
-                "cannot read the gateway's token file {}: {e}; is `keyhole serve` running?",
-                token_file.display()
-            ))
-        })?);
-        let token = Token::new(text.trim_end().to_string());
+        let token = keyhole_transport::read_token_file(token_file)
+            .map_err(|e| t(format!("{e}; is `keyhole serve` running?")))?;
         let stream = tokio::time::timeout(deadline, socket::connect(socket_path))
             .await
             .map_err(|_| t(format!("connecting to {} timed out", socket_path.display())))?

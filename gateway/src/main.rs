@@ -571,27 +571,7 @@ fn bootstrap_file_store(config: &Config) -> Result<(), String> {
 }
 
 fn create_private_dir(path: &Path) -> Result<(), String> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    if !path.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(path)
-            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-    }
-    let mode = std::fs::metadata(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-        .permissions()
-        .mode()
-        & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "{} has mode {mode:o}; keyhole keeps its state and socket in private directories (chmod 700 {})",
-            path.display(),
-            path.display()
-        ));
-    }
-    Ok(())
+    keyhole_transport::socket::ensure_private_dir(path).map_err(|e| e.to_string())
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {

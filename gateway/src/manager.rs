@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keyhole_protocol::{Encoding, HelloAck, Op, Outcome, Token, WatchEvent};
+use keyhole_protocol::{Encoding, HelloAck, Op, Outcome, WatchEvent};
 use keyhole_transport::client::{CallError, Client, HelloOptions, handshake};
 use keyhole_transport::socket;
 use keyhole_transport::spawn::{OutputSink, SpawnOptions, Spawned, spawn};
@@ -391,7 +391,8 @@ impl Supervised {
                 token_file,
                 expected_uid,
             } => {
-                let token = read_token(token_file)?;
+                let token =
+                    keyhole_transport::read_token_file(token_file).map_err(|e| e.to_string())?;
                 let stream = tokio::time::timeout(budget, socket::connect(path))
                     .await
                     .map_err(|_| format!("connecting to {} timed out", path.display()))?
@@ -437,16 +438,4 @@ impl Supervised {
             }
         }))
     }
-}
-
-fn read_token(path: &std::path::Path) -> Result<Token, String> {
-    let text = zeroize::Zeroizing::new(
-        std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?,
-    );
-    let token = text.trim_end();
-    if token.is_empty() {
-        return Err(format!("token file {} is empty", path.display()));
-    }
-    Ok(Token::new(token.to_string()))
 }

@@ -397,23 +397,23 @@ impl Gateway {
             }
             ApiOp::Providers {} => {
                 self.decide(caller, Operation::Providers, "*", &BTreeMap::new(), None)?;
+                // Ask every provider for its health first (which may restart it), then take the
+                // state once, so it reflects those calls.
+                let mut healths = Vec::new();
+                for name in self.manager.names() {
+                    healths.push(
+                        match self
+                            .manager
+                            .call(&name, Op::Health {}, self.call_timeout)
+                            .await
+                        {
+                            Ok(Outcome::Ok(Reply::Health(h))) => Some(h),
+                            _ => None,
+                        },
+                    );
+                }
                 let mut out = Vec::new();
-                for status in self.manager.status().await {
-                    let health = match self
-                        .manager
-                        .call(&status.name, Op::Health {}, self.call_timeout)
-                        .await
-                    {
-                        Ok(Outcome::Ok(Reply::Health(h))) => Some(h),
-                        _ => None,
-                    };
-                    let fresh = self
-                        .manager
-                        .status()
-                        .await
-                        .into_iter()
-                        .find(|s| s.name == status.name)
-                        .unwrap_or(status);
+                for (fresh, health) in self.manager.status().await.into_iter().zip(healths) {
                     out.push(ProviderView {
                         name: fresh.name.clone(),
                         up: fresh.ack.is_some(),

@@ -3,8 +3,12 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+
+use common::workspace_bin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,17 +20,6 @@ use keyhole_gateway::redact::Redactor;
 use keyhole_gateway::server::Gateway;
 use keyhole_gateway::state::StateStore;
 use keyhole_protocol::{Encoding, ErrorCode, Op, Outcome, SecretBytes};
-
-fn workspace_bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let path = exe.parent().and_then(|d| d.parent()).unwrap().join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: cargo build --workspace --bins",
-        path.display()
-    );
-    path
-}
 
 const OWNER: u32 = 1000;
 

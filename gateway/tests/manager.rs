@@ -2,26 +2,16 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::ffi::OsString;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::workspace_bin;
 use keyhole_gateway::manager::{Manager, ManagerError, ProviderSpec};
 use keyhole_gateway::redact::Redactor;
 use keyhole_protocol::{Op, Outcome, Reply, SecretBytes};
-
-/// A binary of another workspace package, built beside this test by `cargo build --workspace`.
-fn workspace_bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let path = exe.parent().and_then(|d| d.parent()).unwrap().join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: cargo build --workspace --bins",
-        path.display()
-    );
-    path
-}
 
 fn memory(name: &str) -> ProviderSpec {
     ProviderSpec::spawn(name, workspace_bin("keyhole-provider-memory"), vec![])

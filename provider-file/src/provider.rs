@@ -5,7 +5,7 @@ use std::sync::Arc;
 use keyhole_providers::protocol::{
     Capabilities, Description, HealthReport, HealthStatus, ProviderError, ProviderInfo, SecretBytes,
 };
-use keyhole_providers::{Page, Provider, Resolved, StoreRequest};
+use keyhole_providers::{Page, Provider, Resolved, StoreRequest, page_token};
 
 use crate::error::StoreError;
 use crate::store::Store;
@@ -110,25 +110,12 @@ impl Provider for FileProvider {
         limit: u32,
     ) -> Result<Page, ProviderError> {
         let prefix = prefix.to_string();
-        let after = match page {
-            None => None,
-            Some(token) => Some(
-                hex::decode(token)
-                    .ok()
-                    .and_then(|b| String::from_utf8(b).ok())
-                    .ok_or_else(|| {
-                        ProviderError::new(
-                            keyhole_providers::protocol::ErrorCode::InvalidRequest,
-                            "invalid page token",
-                        )
-                    })?,
-            ),
-        };
+        let after = page.map(page_token::parse).transpose()?;
         self.run(move |s| s.list(&prefix, after.as_deref(), limit as usize))
             .await
             .map(|(entries, last)| Page {
                 entries,
-                next_page: last.map(|n| hex::encode(n.as_bytes())),
+                next_page: last.map(|n| page_token::after(&n)),
             })
     }
 

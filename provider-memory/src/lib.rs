@@ -15,7 +15,7 @@ use keyhole_providers::protocol::{
     Capabilities, Change, Description, ErrorCode, HealthReport, HealthStatus, ProviderError,
     ProviderInfo, SecretBytes, SecretState, VersionInfo,
 };
-use keyhole_providers::{Page, Provider, Resolved, StoreRequest, WatchChange};
+use keyhole_providers::{Page, Provider, Resolved, StoreRequest, WatchChange, page_token};
 use tokio::sync::mpsc;
 
 /// Settings of the memory provider.
@@ -325,17 +325,7 @@ impl Provider for MemoryProvider {
         page: Option<&str>,
         limit: u32,
     ) -> Result<Page, ProviderError> {
-        let after = match page {
-            None => None,
-            Some(token) => Some(
-                hex::decode(token)
-                    .ok()
-                    .and_then(|b| String::from_utf8(b).ok())
-                    .ok_or_else(|| {
-                        ProviderError::new(ErrorCode::InvalidRequest, "invalid page token")
-                    })?,
-            ),
-        };
+        let after = page.map(page_token::parse).transpose()?;
         let state = self.state();
         let mut matching = state
             .secrets
@@ -348,7 +338,7 @@ impl Provider for MemoryProvider {
             .map(|(name, s)| s.describe(name))
             .collect();
         let next_page = match (matching.next(), entries.last()) {
-            (Some(_), Some(last)) => Some(hex::encode(last.name.as_bytes())),
+            (Some(_), Some(last)) => Some(page_token::after(&last.name)),
             _ => None,
         };
         Ok(Page { entries, next_page })

@@ -171,7 +171,7 @@ async fn run_listen<P: Provider>(
     options: ServeOptions,
 ) -> Result<(), String> {
     use interprocess_listener::accept;
-    let token = read_token_file(token_file)?;
+    let token = keyhole_transport::read_token_file(token_file).map_err(|e| e.to_string())?;
     let listener = socket::listen(socket_path)
         .await
         .map_err(|e| format!("could not listen on {}: {e}", socket_path.display()))?;
@@ -232,34 +232,4 @@ async fn termination() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
-}
-
-/// Reads a token file, refusing one that group or others can read.
-pub(crate) fn read_token_file(path: &Path) -> Result<Token, String> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path)
-            .map_err(|e| format!("could not read token file {}: {e}", path.display()))?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
-            return Err(format!(
-                "token file {} has mode {:o}; it must not be readable by group or others \
-                 (chmod 600 {})",
-                path.display(),
-                mode & 0o777,
-                path.display()
-            ));
-        }
-    }
-    let text = zeroize::Zeroizing::new(
-        std::fs::read_to_string(path)
-            .map_err(|e| format!("could not read token file {}: {e}", path.display()))?,
-    );
-    let token = text.trim_end();
-    if token.is_empty() {
-        return Err(format!("token file {} is empty", path.display()));
-    }
-    Ok(Token::new(token.to_string()))
 }

@@ -19,5 +19,5 @@ pub mod testing;
 
 pub use cli::{ServeArgs, ServeMode, init_tracing, main, serve};
 pub use keyhole_protocol as protocol;
-pub use provider::{Page, Provider, Resolved, StoreRequest, WatchChange};
+pub use provider::{Page, Provider, Resolved, StoreRequest, WatchChange, page_token};
 pub use serve::{ConnectionEnd, ServeOptions, dispatch, serve_connection};

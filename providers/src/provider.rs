@@ -31,6 +31,38 @@ pub struct StoreRequest {
     pub labels: BTreeMap<String, String>,
 }
 
+/// The page-token convention both keyhole providers use for `List`: the last name of a page,
+/// hex-encoded, so paging resumes after it (tokens stay opaque to the gateway).
+pub mod page_token {
+    use keyhole_protocol::{ErrorCode, ProviderError};
+
+    /// The token that resumes after `last_name`.
+    pub fn after(last_name: &str) -> String {
+        hex::encode(last_name.as_bytes())
+    }
+
+    /// The name a token resumes after; `InvalidRequest` if the provider did not issue it.
+    pub fn parse(token: &str) -> Result<String, ProviderError> {
+        hex::decode(token)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(|| ProviderError::new(ErrorCode::InvalidRequest, "invalid page token"))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn round_trips_and_refuses_junk() {
+            for name in ["", "a/b", "ünï", "../x"] {
+                assert_eq!(super::parse(&super::after(name)).unwrap(), name);
+            }
+            for junk in ["z", "abc", "zz", "ff"] {
+                assert!(super::parse(junk).is_err(), "{junk}");
+            }
+        }
+    }
+}
+
 /// One page of `List`.
 #[derive(Clone, Debug, Default)]
 pub struct Page {

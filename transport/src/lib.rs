@@ -29,6 +29,48 @@ pub fn generate_token() -> std::io::Result<Token> {
     Ok(Token::new(hex::encode(bytes.as_slice())))
 }
 
+/// Reads a token file: its content with trailing whitespace removed. Refuses a file that group or
+/// others can access (the provider side and the gateway side read the same files), and an empty
+/// token. Errors name the file and what to do; they never contain the token.
+pub fn read_token_file(path: &std::path::Path) -> std::io::Result<Token> {
+    use std::io::{Error, ErrorKind};
+    let unreadable = |e: std::io::Error| {
+        Error::new(
+            e.kind(),
+            format!("cannot read token file {}: {e}", path.display()),
+        )
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map_err(unreadable)?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(Error::new(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "token file {} has mode {mode:o}; it must not be readable by group or others \
+                     (chmod 600 {})",
+                    path.display(),
+                    path.display()
+                ),
+            ));
+        }
+    }
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(unreadable)?);
+    let token = text.trim_end();
+    if token.is_empty() {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("token file {} is empty", path.display()),
+        ));
+    }
+    Ok(Token::new(token.to_string()))
+}
+
 /// A boxed byte stream half, so connections over sockets and over in-memory pipes share one type.
 pub type BoxRead = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
 /// The writing counterpart of [`BoxRead`].

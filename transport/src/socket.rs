@@ -54,30 +54,36 @@ impl PrivateDir {
     }
 }
 
-/// Checks that `path`'s parent directory exists, belongs to this user and is not accessible by
-/// group or others; creates it with mode 0700 if it is missing.
+/// Checks that `path`'s parent directory is private (see [`ensure_private_dir`]).
 #[cfg(unix)]
 pub fn ensure_private_parent(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => ensure_private_dir(p),
+        _ => ensure_private_dir(Path::new(".")),
+    }
+}
+
+/// Checks that directory `dir` belongs to this user and is not accessible by group or others;
+/// creates it (and missing parents) with mode 0700 if it does not exist.
+#[cfg(unix)]
+pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if !parent.exists() {
+    if !dir.exists() {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(parent)?;
+            .create(dir)?;
     }
-    let meta = std::fs::metadata(parent)?;
+    let meta = std::fs::metadata(dir)?;
     let mode = meta.permissions().mode() & 0o777;
     if meta.uid() != nix::unistd::geteuid().as_raw() || mode & 0o077 != 0 {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!(
-                "socket directory {} must belong to this user with mode 0700 (it has {mode:o}); \
-                 create a private directory for the socket",
-                parent.display()
+                "{} must belong to this user with mode 0700 (it has {mode:o}); keyhole keeps \
+                 its sockets and state in private directories (chmod 700 {})",
+                dir.display(),
+                dir.display()
             ),
         ));
     }
