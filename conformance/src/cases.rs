@@ -65,6 +65,10 @@ cases! {
     "describe.metadata" => describe_metadata,
     "list.prefix-and-pages" => list_prefix_and_pages,
     "unsupported.declared" => unsupported_declared,
+    "fixture.resolve" => fixture_resolve,
+    "fixture.describe" => fixture_describe,
+    "fixture.list" => fixture_list,
+    "fixture.read-only" => fixture_read_only,
     "idempotency.repeat" => idempotency_repeat,
     "concurrency.64-out-of-order" => concurrency_64,
     "deadline.expired" => deadline_expired,
@@ -977,6 +981,187 @@ async fn list_prefix_and_pages(ctx: &Ctx<'_>) -> Verdict {
             entries.len()
         ),
         other => return fail(format!("list answered with {other:?}")),
+    }
+    Ok(())
+}
+
+/// The fixtures of this run; skips the case when none were given.
+fn fixtures<'c>(ctx: &'c Ctx<'_>) -> Result<&'c [(String, SecretBytes)], Miss> {
+    if ctx.options.fixtures.is_empty() {
+        return Err(Miss::Skip(
+            "no fixtures given (--fixtures names secrets the provider already holds)".into(),
+        ));
+    }
+    Ok(&ctx.options.fixtures)
+}
+
+async fn fixture_resolve(ctx: &Ctx<'_>) -> Verdict {
+    for (name, value) in fixtures(ctx)? {
+        let version = ctx.resolve_is(name, None, value).await?;
+        ensure!(
+            !version.is_empty(),
+            "resolve of {name:?} returned an empty version"
+        );
+        let pinned = ctx.resolve_is(name, Some(&version), value).await?;
+        ensure!(
+            pinned == version,
+            "resolve of {name:?} pinned to {version:?} answered version {pinned:?}"
+        );
+        ctx.err(
+            ctx.resolve_op(name, Some("kh-conformance-no-such-version")),
+            ErrorCode::VersionUnavailable,
+            &format!("resolve of {name:?} pinned to a version it never had"),
+        )
+        .await?;
+        let missing = format!("{name}-kh-conformance-missing");
+        ctx.err(
+            ctx.resolve_op(&missing, None),
+            ErrorCode::NotFound,
+            &format!("resolve of {missing:?}"),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn fixture_describe(ctx: &Ctx<'_>) -> Verdict {
+    for (name, _) in fixtures(ctx)? {
+        let (_, version) = ctx.resolve(name, None).await?;
+        let answer = ctx
+            .conn
+            .client
+            .call_raw(Op::Describe { name: name.clone() }, ctx.timeout())
+            .await;
+        let raw = answer.as_ref().ok().and_then(|a| a.raw.clone());
+        let d = match ctx.record(answer.map(|a| a.outcome))? {
+            Outcome::Ok(Reply::Described(d)) => d,
+            other => return fail(format!("describe of {name:?} answered with {other:?}")),
+        };
+        ensure!(
+            d.name == *name,
+            "describe names {:?}, expected {name:?}",
+            d.name
+        );
+        ensure!(
+            d.state == SecretState::Active,
+            "{name:?} is {:?}, expected active",
+            d.state
+        );
+        ensure!(
+            d.current_version.as_deref() == Some(version.as_str()),
+            "describe of {name:?}: current_version {:?}, resolve said {version:?}",
+            d.current_version
+        );
+        ensure!(
+            d.versions.iter().any(|v| v.version == version),
+            "describe of {name:?}: versions {:?} lack the current one",
+            d.versions
+        );
+        if let Some(raw) = raw {
+            ensure!(
+                !ctx.leaks(&raw),
+                "the Describe answer for {name:?} contains the value on the wire"
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn fixture_list(ctx: &Ctx<'_>) -> Verdict {
+    let fixtures = fixtures(ctx)?;
+    ctx.need(ctx.caps.list, "list")?;
+    let mut got: Vec<String> = Vec::new();
+    let mut page: Option<String> = None;
+    for _ in 0..10_000 {
+        let op = Op::List {
+            prefix: String::new(),
+            page: page.clone(),
+            limit: 2,
+        };
+        match ctx.ok(op, "list of every name").await? {
+            Reply::Listed { entries, next_page } => {
+                ensure!(
+                    entries.len() <= 2,
+                    "a page of limit 2 held {}",
+                    entries.len()
+                );
+                got.extend(entries.into_iter().map(|e| e.name));
+                match next_page {
+                    Some(token) => page = Some(token),
+                    None => break,
+                }
+            }
+            other => return fail(format!("list answered with {other:?}")),
+        }
+    }
+    ensure!(
+        got.windows(2).all(|w| w[0] < w[1]),
+        "paged List is not in ascending byte order, each name once: {got:?}"
+    );
+    for (name, _) in fixtures {
+        ensure!(
+            got.contains(name),
+            "paged List lacks fixture {name:?}: {got:?}"
+        );
+        if let Some((first, _)) = name.split_once('/') {
+            let prefix = format!("{first}/");
+            match ctx
+                .ok(
+                    Op::List {
+                        prefix: prefix.clone(),
+                        page: None,
+                        limit: 1000,
+                    },
+                    &format!("list of {prefix:?}"),
+                )
+                .await?
+            {
+                Reply::Listed { entries, .. } => {
+                    ensure!(
+                        entries.iter().any(|e| e.name == *name),
+                        "List of {prefix:?} lacks {name:?}"
+                    );
+                    ensure!(
+                        entries.iter().all(|e| e.name.starts_with(&prefix)),
+                        "List of {prefix:?} returned names outside it"
+                    );
+                }
+                other => return fail(format!("list answered with {other:?}")),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A provider that declares no write operation must refuse each with `Unsupported` and keep
+/// its data as it was.
+async fn fixture_read_only(ctx: &Ctx<'_>) -> Verdict {
+    let fixtures = fixtures(ctx)?;
+    let caps = &ctx.caps;
+    if caps.store || caps.rotate || caps.revoke {
+        return Err(Miss::Skip("the provider declares a write operation".into()));
+    }
+    for (name, value) in fixtures {
+        let other = ctx.secret("read-only");
+        let writes = [
+            Op::Store {
+                name: name.clone(),
+                value: other.clone(),
+                create_only: false,
+                labels: BTreeMap::new(),
+            },
+            Op::Rotate {
+                name: name.clone(),
+                value: other.clone(),
+                expected_version: None,
+            },
+            Op::Revoke { name: name.clone() },
+        ];
+        for op in writes {
+            ctx.err(op, ErrorCode::Unsupported, &format!("a write to {name:?}"))
+                .await?;
+        }
+        ctx.resolve_is(name, None, value).await?;
     }
     Ok(())
 }

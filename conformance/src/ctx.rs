@@ -85,7 +85,7 @@ impl<'a> Ctx<'a> {
             broken: Mutex::new(None),
             case: Mutex::new(""),
             created: Mutex::new(BTreeSet::new()),
-            values: Mutex::new(Vec::new()),
+            values: Mutex::new(options.fixtures.iter().map(|(_, v)| v.clone()).collect()),
             errors: Mutex::new(Vec::new()),
             matcher: Mutex::new(None),
         }

@@ -31,6 +31,11 @@ pub struct Options {
     pub request_timeout: Duration,
     /// Deadline of each spawn-plus-handshake.
     pub handshake_timeout: Duration,
+    /// Secrets that already exist in the provider, with their values. A read-only provider
+    /// (one that declares no `store`) can only be checked against data it already has: the
+    /// `fixture.*` cases resolve, pin, describe and list these, and are skipped when this is
+    /// empty. Their values join the canary checks like the suite's own.
+    pub fixtures: Vec<(String, keyhole_protocol::SecretBytes)>,
 }
 
 impl Default for Options {
@@ -39,6 +44,7 @@ impl Default for Options {
             encodings: Encoding::ALL.to_vec(),
             request_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(5),
+            fixtures: Vec::new(),
         }
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use keyhole_conformance::{Encoding, Options, Target};
+use keyhole_protocol::SecretBytes;
 
 /// Checks that a keyhole secret provider follows the protocol and its shared semantics.
 ///
@@ -37,6 +38,10 @@ struct Cli {
     /// Deadline of each request in milliseconds.
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
+    /// Secrets the provider already holds, for a read-only provider: a JSON object mapping
+    /// each name to its UTF-8 value. The `fixture.*` cases check them.
+    #[arg(long, value_name = "FILE")]
+    fixtures: Option<PathBuf>,
     /// List the case names and exit.
     #[arg(long)]
     list: bool,
@@ -92,6 +97,13 @@ fn main() -> ExitCode {
             Which::All => Encoding::ALL.to_vec(),
         },
         request_timeout: Duration::from_millis(cli.timeout_ms),
+        fixtures: match cli.fixtures.as_deref().map(read_fixtures).transpose() {
+            Ok(fixtures) => fixtures.unwrap_or_default(),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        },
         ..Options::default()
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -124,4 +136,24 @@ fn main() -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// Reads `--fixtures`: a JSON object of name → UTF-8 value. Errors name the file, never a value.
+fn read_fixtures(path: &std::path::Path) -> Result<Vec<(String, SecretBytes)>, String> {
+    let text = std::fs::read(path)
+        .map(zeroize::Zeroizing::new)
+        .map_err(|e| format!("could not read fixtures {}: {e}", path.display()))?;
+    let map: std::collections::BTreeMap<String, String> =
+        serde_json::from_slice(&text).map_err(|e| {
+            format!(
+                "fixtures {} must be a JSON object of name to string value (line {}, column {})",
+                path.display(),
+                e.line(),
+                e.column()
+            )
+        })?;
+    Ok(map
+        .into_iter()
+        .map(|(name, value)| (name, SecretBytes::new(value.into_bytes())))
+        .collect())
 }

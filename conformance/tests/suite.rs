@@ -84,7 +84,18 @@ async fn the_reference_provider_passes_every_case_in_both_encodings() {
         .filter(|r| matches!(r.status, Status::Skip(_)))
         .map(|r| r.name)
         .collect();
-    assert_eq!(skipped, ["unsupported.declared", "unsupported.declared"]);
+    // The only skips: it declares every optional operation, so nothing is Unsupported, and
+    // no fixtures were given.
+    let fixture_skips = [
+        "fixture.resolve",
+        "fixture.describe",
+        "fixture.list",
+        "fixture.read-only",
+    ];
+    let expected: Vec<&str> = [&["unsupported.declared"][..], &fixture_skips[..]]
+        .concat()
+        .repeat(2);
+    assert_eq!(skipped, expected);
     let junit = report.junit();
     assert!(
         junit.contains("keyhole-conformance.bincode") && junit.contains("keyhole-conformance.json")
@@ -137,6 +148,104 @@ async fn a_running_provider_passes_over_its_socket() {
             .any(|r| r.name == "canary.stderr" && matches!(r.status, Status::Skip(_)))
     );
     let _ = child.kill().await;
+}
+
+/// A provider listening on a private socket, with the token that opens it.
+struct Listening {
+    _dir: tempfile::TempDir,
+    child: tokio::process::Child,
+    sock: PathBuf,
+    token: String,
+}
+
+async fn listening_memory_provider() -> Listening {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    let token = keyhole_transport_token();
+    std::fs::write(&token_file, &token).unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let sock = dir.path().join("run").join("p.sock");
+    let child = tokio::process::Command::new(workspace_bin("keyhole-provider-memory"))
+        .arg("--listen")
+        .arg(&sock)
+        .arg("--token-file")
+        .arg(&token_file)
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "the provider never listened");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Listening {
+        _dir: dir,
+        child,
+        sock,
+        token,
+    }
+}
+
+#[tokio::test]
+async fn fixtures_are_checked_and_a_wrong_one_is_caught() {
+    use keyhole_protocol::{Op, Outcome, SecretBytes, Token};
+    use keyhole_transport::client::{Client, HelloOptions, handshake};
+    let mut p = listening_memory_provider().await;
+    // Seed the provider the way an operator would before pointing the suite at it.
+    let stream = keyhole_transport::socket::connect(&p.sock).await.unwrap();
+    let (r, w) = keyhole_transport::socket::into_halves(stream);
+    let hello = HelloOptions::new(Token::new(p.token.clone()), Encoding::Json);
+    let (reader, writer, ack) = handshake(r, w, &hello, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let client = Client::start(reader, writer, ack, tx);
+    let fixtures: Vec<(String, SecretBytes)> = [
+        ("fx/db/password", "kh-fixture-0123456789-db"),
+        ("fx/api-key", "kh-fixture-0123456789-api"),
+        ("top-level", "kh-fixture-0123456789-top"),
+    ]
+    .iter()
+    .map(|(n, v)| (n.to_string(), SecretBytes::copy_from(v.as_bytes())))
+    .collect();
+    for (name, value) in &fixtures {
+        let op = Op::Store {
+            name: name.clone(),
+            value: value.clone(),
+            create_only: true,
+            labels: Default::default(),
+        };
+        let answer = client.call(op, Duration::from_secs(5)).await.unwrap();
+        assert!(matches!(answer, Outcome::Ok(_)), "{answer:?}");
+    }
+    let target = Target::Socket {
+        path: p.sock.clone(),
+        token: Token::new(p.token.clone()),
+    };
+    let mut options = Options {
+        encodings: Encoding::ALL.to_vec(),
+        fixtures: fixtures.clone(),
+        ..Options::default()
+    };
+    let report = keyhole_conformance::run(&target, &options, |_| {}).await;
+    assert_eq!(report.failed(), 0, "{}", lines(&report));
+    for case in ["fixture.resolve", "fixture.describe", "fixture.list"] {
+        let passes = report
+            .results
+            .iter()
+            .filter(|r| r.name == case && r.status == Status::Pass)
+            .count();
+        assert_eq!(passes, 2, "{case} did not pass in both encodings");
+    }
+
+    // A fixture whose value the provider does not hold fails the resolve case.
+    options.fixtures[1].1 = SecretBytes::copy_from(b"kh-fixture-not-the-value");
+    options.encodings = vec![Encoding::Json];
+    let report = keyhole_conformance::run(&target, &options, |_| {}).await;
+    caught_by(&report, "fixture.resolve", "fx/api-key");
+    let _ = p.child.kill().await;
 }
 
 fn keyhole_transport_token() -> String {
@@ -242,5 +351,10 @@ async fn the_python_example_provider_passes() {
     };
     let report = run(&target, &Encoding::ALL).await;
     assert_eq!(report.failed(), 0, "{}", lines(&report));
-    assert!(report.passed() >= keyhole_conformance::case_names().len() - 2);
+    // Every case of the JSON pass but two may pass; the fixture cases skip (no fixtures given).
+    let without_fixtures = keyhole_conformance::case_names()
+        .iter()
+        .filter(|n| !n.starts_with("fixture."))
+        .count();
+    assert!(report.passed() >= without_fixtures - 2);
 }
