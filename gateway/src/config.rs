@@ -59,6 +59,12 @@ pub const EMBEDDED_PROVIDER: &str = "file";
 /// The embedded provider's command.
 pub const EMBEDDED_PROVIDER_COMMAND: &str = "keyhole-provider-file";
 
+/// The name of the keychain provider the embedded defaults pick when a Secret Service answers.
+pub const EMBEDDED_KEYCHAIN: &str = "keychain";
+
+/// The keychain provider's command.
+pub const EMBEDDED_KEYCHAIN_COMMAND: &str = "keyhole-provider-keychain";
+
 /// The default of both timeouts, in milliseconds.
 pub const DEFAULT_TIMEOUT_MS: u64 = 5_000;
 
@@ -279,6 +285,10 @@ pub struct Config {
     pub source: Option<PathBuf>,
     /// Whether `providers` is the embedded default set.
     embedded_providers: bool,
+    /// Set when the embedded defaults are in use and nothing named a default provider: then
+    /// `keyhole serve` picks one at start-up ([`crate::defaults`]). Holds the keychain provider
+    /// to probe, or why there is none to probe.
+    pub auto_default: Option<Result<ProviderConfig, String>>,
 }
 
 impl Config {
@@ -389,6 +399,18 @@ impl Config {
             providers.insert(name, provider);
         }
 
+        let chosen = raw.default_provider.is_some() || env.get(ENV_DEFAULT_PROVIDER).is_some();
+        let auto_default = (embedded_providers && !chosen).then(|| {
+            let keychain = RawProvider {
+                kind: Some("spawn".into()),
+                command: Some(EMBEDDED_KEYCHAIN_COMMAND.into()),
+                args: Some(vec!["--store".into(), "secret-service".into()]),
+                ..RawProvider::default()
+            };
+            provider_config(EMBEDDED_KEYCHAIN, keychain, &ctx).map_err(|_| {
+                format!("{EMBEDDED_KEYCHAIN_COMMAND} is not installed beside keyhole or on PATH")
+            })
+        });
         let default_provider = default_provider(&env, raw.default_provider, &providers, &ctx)?;
 
         let policy = match raw.policy {
@@ -413,6 +435,7 @@ impl Config {
             policy,
             source,
             embedded_providers,
+            auto_default,
         })
     }
 

@@ -7,6 +7,8 @@
 //!   state, timestamps), never a value.
 //! - [`audit`]: the hash-chained, durable audit log and its verification.
 //! - [`manager`]: providers spawned or dialled, supervised, restarted with backoff.
+//! - [`defaults`]: with no configuration, the keychain when a Secret Service answers, else the
+//!   file store.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -15,6 +17,7 @@ pub mod api;
 pub mod audit;
 pub mod client;
 pub mod config;
+pub mod defaults;
 pub mod journal;
 pub mod manager;
 pub mod policy;

@@ -456,9 +456,13 @@ async fn pump(mut from: impl tokio::io::AsyncRead + Unpin, mut to: impl Write, r
 }
 
 /// `keyhole serve`.
-async fn serve_gateway(config: Config, redactor: Redactor) -> Result<ExitCode, String> {
+async fn serve_gateway(mut config: Config, redactor: Redactor) -> Result<ExitCode, String> {
     create_private_dir(&config.data_dir)?;
     create_private_dir(&config.runtime_dir)?;
+    if let Some(choice) = keyhole_gateway::defaults::choose(&mut config).await {
+        tracing::info!(provider = %choice.provider, "{choice}");
+        eprintln!("keyhole: {choice}");
+    }
     if config.uses_embedded_providers() {
         bootstrap_file_store(&config)?;
     }

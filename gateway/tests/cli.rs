@@ -19,12 +19,14 @@ struct Gateway {
 }
 
 impl Gateway {
+    /// A gateway on its defaults with no D-Bus session bus, so it picks the file provider.
     fn start() -> Gateway {
         let home = tempfile::tempdir().unwrap();
         let mut gw = Gateway {
             child: Command::new(KEYHOLE)
                 .arg("serve")
                 .envs(env(home.path()))
+                .env_remove("DBUS_SESSION_BUS_ADDRESS")
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -67,6 +69,17 @@ impl Gateway {
             .unwrap();
         child.stdin.take().unwrap().write_all(stdin).unwrap();
         child.wait_with_output().unwrap()
+    }
+}
+
+impl Gateway {
+    /// Stops the gateway (SIGTERM) and returns what it wrote to stderr.
+    fn stop(mut self) -> String {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(self.child.stderr.as_mut().unwrap(), &mut err);
+        err
     }
 }
 
@@ -345,4 +358,19 @@ fn audit_verify_fails_and_names_the_first_broken_record() {
             "{what}: {stdout}"
         );
     }
+}
+
+#[test]
+fn without_a_secret_service_the_defaults_pick_the_file_store_and_say_why() {
+    let gw = Gateway::start();
+    let out = gw.keyhole(&["providers"], b"");
+    assert!(out.status.success(), "{}", text(&out));
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(listed.contains("file"), "{listed}");
+    assert!(!listed.contains("keychain"), "{listed}");
+    let err = gw.stop();
+    assert!(
+        err.contains("default provider: file, because there is no D-Bus session bus"),
+        "{err}"
+    );
 }
