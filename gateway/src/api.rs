@@ -70,6 +70,19 @@ pub enum ApiOp {
         /// The value.
         value: SecretBytes,
     },
+    /// Mint a handle for a secret that already exists in a provider (a read-only one, such as
+    /// the env provider, or one filled by other tools). Nothing is written; the provider must
+    /// describe the name as active. Policy treats it as `put`: both mint handles.
+    Link {
+        /// The secret's name in the provider.
+        name: String,
+        /// The provider (default: the configured default).
+        provider: Option<String>,
+        /// The handle's scope (default `default`).
+        scope: Option<String>,
+        /// Labels for the handle.
+        labels: BTreeMap<String, String>,
+    },
     /// Write a new version behind a handle.
     Rotate {
         /// The handle.
@@ -107,6 +120,7 @@ impl ApiOp {
     pub fn name(&self) -> &'static str {
         match self {
             ApiOp::Put { .. } => "put",
+            ApiOp::Link { .. } => "link",
             ApiOp::Rotate { .. } => "rotate",
             ApiOp::Revoke { .. } => "revoke",
             ApiOp::Describe { .. } => "describe",
@@ -166,7 +180,7 @@ impl std::fmt::Display for ApiError {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ApiReply {
-    /// To Put.
+    /// To Put and Link.
     Put {
         /// The new handle.
         handle: String,

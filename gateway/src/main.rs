@@ -49,6 +49,21 @@ enum Command {
         #[arg(long = "label", value_name = "KEY=VALUE")]
         labels: Vec<String>,
     },
+    /// Mint a handle for a secret that already exists in a provider (read-only providers such
+    /// as env, or secrets written by other tools) and print it. Nothing is written.
+    Link {
+        /// The secret's name in the provider.
+        name: String,
+        /// The provider (default: the configured default).
+        #[arg(long)]
+        provider: Option<String>,
+        /// The handle's scope.
+        #[arg(long)]
+        scope: Option<String>,
+        /// A label, `key=value`; repeatable.
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+    },
     /// Write a new version behind a handle (value from stdin, or a no-echo prompt).
     Rotate {
         /// The handle.
@@ -189,6 +204,24 @@ async fn run(cli: Cli, redactor: Redactor) -> Result<ExitCode, String> {
             )
             .await?;
             if let ApiReply::Put { handle, .. } = reply {
+                println!("{handle}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Link {
+            name,
+            provider,
+            scope,
+            labels,
+        } => {
+            let labels = parse_labels(&labels)?;
+            let op = ApiOp::Link {
+                name,
+                provider,
+                scope,
+                labels,
+            };
+            if let ApiReply::Put { handle, .. } = call(&config, op).await? {
                 println!("{handle}");
             }
             Ok(ExitCode::SUCCESS)

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use interprocess::local_socket::traits::tokio::Listener as _;
 use keyhole_protocol::{
     DEFAULT_MAX_FRAME, Encoding, ErrorCode, HANDSHAKE_MAJOR, HANDSHAKE_MAX_FRAME, Op, Outcome,
-    Reply, Token, decode,
+    Reply, SecretState, Token, decode,
 };
 use keyhole_transport::{BoxRead, BoxWrite, FrameReader, FrameWriter, socket};
 
@@ -242,6 +242,50 @@ impl Gateway {
                     return Err(err(
                         ErrorCode::Internal,
                         "the provider answered Store with another reply",
+                    ));
+                };
+                let new = NewHandle {
+                    provider,
+                    name,
+                    version_pin: VersionPin::Current,
+                    scope,
+                    labels,
+                };
+                let handle = self.blocking(move |s| s.insert(new)).await?;
+                if let Some(t) = trails.last_mut() {
+                    t.handle = Some(handle.id.clone());
+                }
+                Ok(ApiReply::Put {
+                    handle: handle.id,
+                    version,
+                })
+            }
+            ApiOp::Link {
+                name,
+                provider,
+                scope,
+                labels,
+            } => {
+                let scope = scope.unwrap_or_else(|| "default".into());
+                trails.push(Trail {
+                    handle: None,
+                    scope: Some(scope.clone()),
+                });
+                self.decide(caller, Operation::Put, &scope, &labels, None)?;
+                let provider = provider.unwrap_or_else(|| self.default_provider.clone());
+                let reply = self
+                    .call(&provider, Op::Describe { name: name.clone() })
+                    .await?;
+                let Reply::Described(d) = reply else {
+                    return Err(err(
+                        ErrorCode::Internal,
+                        "the provider answered Describe with another reply",
+                    ));
+                };
+                let (SecretState::Active, Some(version)) = (d.state, d.current_version) else {
+                    return Err(err(
+                        ErrorCode::Revoked,
+                        format!("{name:?} in provider {provider:?} is revoked; nothing to link"),
                     ));
                 };
                 let new = NewHandle {
