@@ -1,0 +1,190 @@
+//! The keychain as a keyhole provider: every operation runs on tokio's blocking pool under the
+//! backend deadline.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keyhole_providers::protocol::{
+    Capabilities, Description, ErrorCode, HealthReport, HealthStatus, ProviderError,
+    ProviderInfo, SecretBytes,
+};
+use keyhole_providers::{Page, Provider, Resolved, StoreRequest, page_token};
+
+use crate::backend::Keychain;
+use crate::ops;
+
+/// The provider.
+pub struct KeychainProvider {
+    kc: Arc<Keychain>,
+    keep: u32,
+    timeout: Duration,
+    max_value_size: u32,
+    /// Writes of this process queue here, in order, without holding a thread while they wait;
+    /// the lock file then orders them against other processes.
+    writes: tokio::sync::Mutex<()>,
+}
+
+impl KeychainProvider {
+    /// Serves `kc`, keeping `keep` versions, each keychain call bounded by `timeout`.
+    pub fn new(kc: Keychain, keep: u32, timeout: Duration) -> KeychainProvider {
+        let max_value_size = kc.max_value_size();
+        KeychainProvider {
+            kc: Arc::new(kc),
+            keep,
+            timeout,
+            max_value_size,
+            writes: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Runs `f` on the blocking pool; `Unavailable` if it takes longer than the backend
+    /// deadline. `f` gets a deadline for the write lock, a little before the caller gives up.
+    async fn call<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        f: impl FnOnce(&Keychain, Instant) -> Result<T, ProviderError> + Send + 'static,
+    ) -> Result<T, ProviderError> {
+        let kc = Arc::clone(&self.kc);
+        let margin = (self.timeout / 10).min(Duration::from_millis(100));
+        let lock_deadline = Instant::now() + (self.timeout - margin);
+        // If the request is cancelled or times out, the blocking call still runs to its end; a
+        // write then finishes under the lock file, which keeps later writes out until it does.
+        let task = tokio::task::spawn_blocking(move || f(&kc, lock_deadline));
+        match tokio::time::timeout(self.timeout, task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ProviderError::internal(format!(
+                "the keychain call for {what} failed unexpectedly"
+            ))),
+            Err(_) => {
+                self.kc.reset();
+                Err(ProviderError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "{} did not answer {what} within {} ms: its daemon may hang or wait on a \
+                         prompt; check Health, restart the keyring daemon, or raise \
+                         --backend-timeout-ms",
+                        self.kc.kind().describe(),
+                        self.timeout.as_millis()
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+impl Provider for KeychainProvider {
+    fn info(&self) -> ProviderInfo {
+        ProviderInfo {
+            name: "keychain".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            store: true,
+            rotate: true,
+            revoke: true,
+            list: true,
+            watch: false,
+            versions_kept: self.keep,
+            max_value_size: self.max_value_size,
+        }
+    }
+
+    async fn resolve(&self, name: &str, version: Option<&str>) -> Result<Resolved, ProviderError> {
+        let (name, version) = (name.to_string(), version.map(str::to_string));
+        self.call("resolve", move |kc, _| {
+            ops::resolve(kc, &name, version.as_deref())
+        })
+        .await
+    }
+
+    async fn store(&self, request: StoreRequest) -> Result<String, ProviderError> {
+        let _queue = self.writes.lock().await;
+        let keep = self.keep;
+        self.call("store", move |kc, deadline| {
+            ops::store(kc, keep, deadline, request)
+        })
+        .await
+    }
+
+    async fn rotate(
+        &self,
+        name: &str,
+        value: SecretBytes,
+        expected_version: Option<&str>,
+    ) -> Result<String, ProviderError> {
+        let _queue = self.writes.lock().await;
+        let (name, expected) = (name.to_string(), expected_version.map(str::to_string));
+        let keep = self.keep;
+        self.call("rotate", move |kc, deadline| {
+            ops::rotate(kc, keep, deadline, &name, &value, expected.as_deref())
+        })
+        .await
+    }
+
+    async fn revoke(&self, name: &str) -> Result<(), ProviderError> {
+        let _queue = self.writes.lock().await;
+        let name = name.to_string();
+        self.call("revoke", move |kc, deadline| ops::revoke(kc, deadline, &name))
+            .await
+    }
+
+    async fn describe(&self, name: &str) -> Result<Description, ProviderError> {
+        let name = name.to_string();
+        self.call("describe", move |kc, _| ops::describe(kc, &name))
+            .await
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        page: Option<&str>,
+        limit: u32,
+    ) -> Result<Page, ProviderError> {
+        let after = page.map(page_token::parse).transpose()?;
+        let prefix = prefix.to_string();
+        let names = self
+            .call("list", move |kc, _| {
+                ops::list_names(kc, &prefix, after.as_deref())
+            })
+            .await?;
+        let mut entries = Vec::new();
+        let mut last = None;
+        let mut names = names.into_iter();
+        for name in names.by_ref() {
+            let n = name.clone();
+            // One call per pointer, each under the deadline: a long page is many short calls.
+            if let Some(d) = self
+                .call("list", move |kc, _| ops::describe_listed(kc, &n))
+                .await?
+            {
+                entries.push(d);
+            }
+            last = Some(name);
+            if entries.len() >= limit as usize {
+                break;
+            }
+        }
+        let next_page = match (names.next(), last) {
+            (Some(_), Some(last)) => Some(page_token::after(&last)),
+            _ => None,
+        };
+        Ok(Page { entries, next_page })
+    }
+
+    async fn health(&self) -> HealthReport {
+        match self.call("health", |kc, _| Ok(kc.health())).await {
+            Ok(report) => report,
+            Err(e) => HealthReport {
+                status: if e.code == ErrorCode::Locked {
+                    HealthStatus::Locked
+                } else {
+                    HealthStatus::Unavailable
+                },
+                detail: e.message,
+            },
+        }
+    }
+}
