@@ -190,7 +190,7 @@ impl EnvProvider {
                 mapping::snapshot(vars, &options.env_prefix, MAX_VALUE_SIZE as usize);
             for s in skipped {
                 tracing::warn!(
-                    "environment variable {} is not served: {}",
+                    "environment variable {:?} is not served: {}",
                     s.variable,
                     s.reason
                 );
