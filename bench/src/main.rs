@@ -43,6 +43,9 @@ struct Cli {
     /// Run only the end-to-end gateway measurement (for profiling the gateway).
     #[arg(long)]
     only_e2e: bool,
+    /// Run only the interleaved floor comparison (for profiling the round trip).
+    #[arg(long, conflicts_with = "only_e2e")]
+    only_floor: bool,
     /// Internal: run the raw echo server on this socket.
     #[arg(long, hide = true)]
     echo_server: Option<PathBuf>,
@@ -99,6 +102,8 @@ fn main() {
             .and_then(|rt| {
                 if cli.only_e2e {
                     rt.block_on(e2e_only(effort))
+                } else if cli.only_floor {
+                    rt.block_on(floor_only(effort))
                 } else {
                     rt.block_on(run(effort, cli.smoke))
                 }
@@ -558,6 +563,20 @@ async fn e2e_only(effort: Effort) -> Result<String, String> {
         stats::fmt(e.many.p99()),
         e.rss_idle_kib,
         e.rss_load_kib
+    ))
+}
+
+async fn floor_only(effort: Effort) -> Result<String, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let memory = sibling("keyhole-provider-memory")?;
+    let (raw, kh) = paired_floor(effort, dir.path(), &memory).await?;
+    Ok(format!(
+        "keyhole p50 {} p99 {} · raw p50 {} p99 {} · {:.2}×\n",
+        stats::fmt(kh.p50()),
+        stats::fmt(kh.p99()),
+        stats::fmt(raw.p50()),
+        stats::fmt(raw.p99()),
+        kh.p50() / raw.p50()
     ))
 }
 
