@@ -196,6 +196,9 @@ impl Gateway {
                 format!("{id:?} is not a keyhole handle (they look like kh_…)"),
             ));
         }
+        if let Some(handle) = self.state.cached(id) {
+            return Ok(handle);
+        }
         let key = id.to_string();
         self.blocking(move |s| s.get(&key)).await?.ok_or_else(|| {
             err(

@@ -375,17 +375,26 @@ fn create_private_file(path: &Path) -> std::io::Result<()> {
         .map(drop)
 }
 
-/// Locks a connection mutex. A panic while it was held cannot have left a transaction open
-/// (rusqlite rolls back on drop), so a poisoned lock is still safe to use.
-pub(crate) fn lock(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
-    conn.lock().unwrap_or_else(PoisonError::into_inner)
+/// Locks a connection (or the handle cache). A panic while a connection was held cannot have
+/// left a transaction open (rusqlite rolls back on drop), and the cache is updated in single
+/// calls that cannot panic half-way, so a poisoned lock is still safe to use.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The handle store. See the [module documentation](self).
 #[derive(Debug)]
 pub struct StateStore {
     conn: Mutex<Connection>,
+    /// Handles read or written by this process, so a resolve does not query SQLite (or wait for
+    /// the blocking pool). Exact, not a hint: every change to a row goes through this store,
+    /// which updates the entry in the same call, under the connection's lock. Bounded by
+    /// [`MAX_CACHED_HANDLES`]; when full it is emptied and refills from the database.
+    cache: Mutex<std::collections::HashMap<String, Handle>>,
 }
+
+/// The most handles kept in memory.
+pub const MAX_CACHED_HANDLES: usize = 100_000;
 
 /// The columns every query reads, in the order [`row_to_handle`] expects.
 const HANDLE_COLUMNS: &str =
@@ -404,6 +413,7 @@ impl StateStore {
     pub fn open(path: &Path) -> Result<StateStore, StateError> {
         Ok(StateStore {
             conn: Mutex::new(open_database(path)?),
+            cache: Mutex::default(),
         })
     }
 
@@ -415,6 +425,7 @@ impl StateStore {
     pub fn open_in_memory() -> Result<StateStore, StateError> {
         Ok(StateStore {
             conn: Mutex::new(open_database_in_memory()?),
+            cache: Mutex::default(),
         })
     }
 
@@ -460,7 +471,7 @@ impl StateStore {
             ],
         )?;
         tx.commit()?;
-        Ok(Handle {
+        let handle = Handle {
             id,
             provider: new.provider,
             name: new.name,
@@ -470,7 +481,23 @@ impl StateStore {
             state,
             created_at_ms: now,
             updated_at_ms: now,
-        })
+        };
+        self.remember(handle.clone());
+        Ok(handle)
+    }
+
+    /// The handle `id` if this process has it in memory; `None` says nothing about the
+    /// database (ask [`StateStore::get`]).
+    pub fn cached(&self, id: &str) -> Option<Handle> {
+        lock(&self.cache).get(id).cloned()
+    }
+
+    fn remember(&self, handle: Handle) {
+        let mut cache = lock(&self.cache);
+        if cache.len() >= MAX_CACHED_HANDLES {
+            cache.clear();
+        }
+        cache.insert(handle.id.clone(), handle);
     }
 
     /// The handle `id`, or `None` if there is none (or `id` is not shaped like a handle id,
@@ -483,11 +510,22 @@ impl StateStore {
         if !is_handle_id(id) {
             return Ok(None);
         }
+        if let Some(handle) = self.cached(id) {
+            return Ok(Some(handle));
+        }
         let conn = lock(&self.conn);
         let mut stmt = conn.prepare_cached(&format!(
             "SELECT {HANDLE_COLUMNS} FROM handles WHERE id = ?1"
         ))?;
-        stmt.query_row([id], row_to_handle).optional()?.transpose()
+        let handle = stmt
+            .query_row([id], row_to_handle)
+            .optional()?
+            .transpose()?;
+        if let Some(h) = &handle {
+            // Under the connection's lock, so no set_state can slip between read and insert.
+            self.remember(h.clone());
+        }
+        Ok(handle)
     }
 
     /// Every handle, oldest first (by creation time, then id).
@@ -537,6 +575,8 @@ impl StateStore {
             params![state.as_str(), ms_to_sql(now_ms()), id],
         )?;
         tx.commit()?;
+        // The row's timestamp is the database's max(); let the next get() read it back.
+        lock(&self.cache).remove(id);
         Ok(changed == 1)
     }
 }
@@ -835,6 +875,8 @@ mod tests {
             conn.execute("UPDATE handles SET state = 'weird' WHERE id = ?1", [&h.id])
                 .unwrap();
         }
+        // A hand edit happens outside a running gateway: a new process starts uncached.
+        lock(&store.cache).clear();
         assert!(matches!(
             store.get(&h.id),
             Err(StateError::Corrupt {
