@@ -64,6 +64,13 @@ impl Provider for FileProvider {
     }
 
     async fn resolve(&self, name: &str, version: Option<&str>) -> Result<Resolved, ProviderError> {
+        // A cached record needs no file I/O: answer on this task and skip the blocking pool's
+        // two thread hand-offs.
+        if let Some(answer) = self.store.resolve_cached(name, version) {
+            return answer
+                .map(|(value, version)| Resolved { value, version })
+                .map_err(Into::into);
+        }
         let (name, version) = (name.to_string(), version.map(str::to_string));
         self.run(move |s| s.resolve(&name, version.as_deref()))
             .await

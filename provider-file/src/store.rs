@@ -472,17 +472,9 @@ impl Store {
     /// counter is read before the file, so a concurrent write can only make the entry stale
     /// early, never late: any write acknowledged before this call began is seen.
     fn read_shared(&self, name: &str) -> Result<Option<std::sync::Arc<Record>>, StoreError> {
-        let count = read_counter(&self.counter)?;
-        let generation = *self.generation.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((g, c, record)) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            && *g == generation
-            && *c == count
-        {
-            return Ok(Some(std::sync::Arc::clone(record)));
+        let (count, generation, cached) = self.cached(name)?;
+        if let Some(record) = cached {
+            return Ok(Some(record));
         }
         let file = record::file_name(name);
         for attempt in 0..2 {
@@ -510,6 +502,26 @@ impl Store {
             }
         }
         Ok(None)
+    }
+
+    /// The write counter and generation now, and `name`'s record if the cache holds it for
+    /// exactly those. Costs one 8-byte pread and a hash lookup: no file is opened.
+    #[allow(clippy::type_complexity)]
+    fn cached(&self, name: &str) -> Result<(u64, u64, Option<std::sync::Arc<Record>>), StoreError> {
+        let count = read_counter(&self.counter)?;
+        let generation = *self.generation.lock().unwrap_or_else(|p| p.into_inner());
+        let hit = match self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+        {
+            Some((g, c, record)) if *g == generation && *c == count => {
+                Some(std::sync::Arc::clone(record))
+            }
+            _ => None,
+        };
+        Ok((count, generation, hit))
     }
 
     /// Re-reads the header; returns whether the generation moved (and this KEK still opens it).
@@ -581,6 +593,30 @@ impl Store {
         let record = self
             .read_shared(name)?
             .ok_or_else(|| StoreError::NotFound(name.into()))?;
+        self.open_version(&record, name, version)
+    }
+
+    /// [`Store::resolve`] when `name`'s record is cached and current, without opening a file
+    /// (cheap enough to run on an async task); `None` when it would have to read one.
+    pub fn resolve_cached(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Option<Result<(SecretBytes, String), StoreError>> {
+        match self.cached(name) {
+            Err(e) => Some(Err(e)),
+            Ok((_, _, None)) => None,
+            Ok((_, _, Some(record))) => Some(self.open_version(&record, name, version)),
+        }
+    }
+
+    /// The value of `version` (default: the current one) in `record`.
+    fn open_version(
+        &self,
+        record: &Record,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<(SecretBytes, String), StoreError> {
         if record.revoked {
             return Err(StoreError::Revoked(name.into()));
         }
