@@ -17,6 +17,7 @@ use keyhole_providers::protocol::{
 use keyring_core::{CredentialStore, Entry, Error as KeyringError};
 use zeroize::{Zeroize, Zeroizing};
 
+use crate::index::NameIndex;
 use crate::layout;
 use crate::lock::WriteLock;
 use crate::options::StoreKind;
@@ -28,7 +29,13 @@ pub struct Keychain {
     store: Mutex<Option<Arc<CredentialStore>>>,
     #[cfg(target_os = "linux")]
     bus: Mutex<Option<zbus::blocking::Connection>>,
+    /// The default collection's object path, and when it was looked up.
+    #[cfg(target_os = "linux")]
+    collection: Mutex<Option<(String, std::time::Instant)>>,
     lock: Option<WriteLock>,
+    index: NameIndex,
+    /// Set once a keyutils write probe succeeded in this process.
+    keyutils_ready: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Keychain {
@@ -55,8 +62,31 @@ impl Keychain {
             store: Mutex::new(None),
             #[cfg(target_os = "linux")]
             bus: Mutex::new(None),
+            #[cfg(target_os = "linux")]
+            collection: Mutex::new(None),
             lock,
+            index: NameIndex::default(),
+            keyutils_ready: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Process-wide set-up, before any thread starts. For keyutils: make sure this process has a
+    /// session keyring of its own. A process on its user's default session keyring (a service,
+    /// a container, anything started outside a login session) would otherwise get a new one
+    /// from the first call that links the persistent keyring, on that thread only (session
+    /// keyrings are per thread), and the keyutils store then writes to one keyring and links
+    /// from another, which the kernel refuses. An inherited session keyring (a login session's,
+    /// or one from `keyctl session`) is kept.
+    pub fn prepare_process(kind: StoreKind) {
+        #[cfg(target_os = "linux")]
+        if kind == StoreKind::Keyutils {
+            use linux_keyutils::{KeyRing, KeyRingIdentifier};
+            if let Err(e) = KeyRing::from_special_id(KeyRingIdentifier::Session, true) {
+                tracing::warn!("could not set up a session keyring: {e}");
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = kind;
     }
 
     /// The store kind.
@@ -72,6 +102,11 @@ impl Keychain {
     /// The write lock.
     pub fn write_lock(&self) -> Option<&WriteLock> {
         self.lock.as_ref()
+    }
+
+    /// The name index.
+    pub fn index(&self) -> &NameIndex {
+        &self.index
     }
 
     /// The largest value Store and Rotate accept on this store.
@@ -92,6 +127,7 @@ impl Keychain {
         #[cfg(target_os = "linux")]
         {
             *guard(&self.bus) = None;
+            *guard(&self.collection) = None;
         }
     }
 
@@ -112,7 +148,9 @@ impl Keychain {
         match self.kind {
             // Shown in Seahorse and `secret-tool search`; it names the secret, never the value.
             StoreKind::SecretService => {
-                modifiers.insert("label", label);
+                if !label.is_empty() {
+                    modifiers.insert("label", label);
+                }
             }
             // The key's description, "<service>:<user>", so `keyctl` can find keyhole's keys
             // by prefix.
@@ -131,6 +169,7 @@ impl Keychain {
     /// The bytes of entry `user`, or `None` if it does not exist. `what` names it in errors.
     pub fn get(&self, user: &str, what: &str) -> Result<Option<Zeroizing<Vec<u8>>>, ProviderError> {
         let entry = self.entry(user, "", what)?;
+        let _timer = Timer::new("get", user);
         match entry.get_secret() {
             Ok(bytes) => Ok(Some(Zeroizing::new(bytes))),
             Err(KeyringError::NoEntry) => Ok(None),
@@ -139,7 +178,13 @@ impl Keychain {
     }
 
     /// Creates or replaces entry `user`. `label` is the Secret Service item's label.
-    pub fn set(&self, user: &str, label: &str, bytes: &[u8], what: &str) -> Result<(), ProviderError> {
+    pub fn set(
+        &self,
+        user: &str,
+        label: &str,
+        bytes: &[u8],
+        what: &str,
+    ) -> Result<(), ProviderError> {
         if bytes.len() > self.kind.entry_cap() {
             return Err(ProviderError::new(
                 ErrorCode::InvalidRequest,
@@ -153,12 +198,14 @@ impl Keychain {
             ));
         }
         let entry = self.entry(user, label, what)?;
+        let _timer = Timer::new("set", user);
         entry.set_secret(bytes).map_err(|e| self.failure(e, what))
     }
 
     /// Deletes entry `user`; `false` if it did not exist.
     pub fn delete(&self, user: &str, what: &str) -> Result<bool, ProviderError> {
         let entry = self.entry(user, "", what)?;
+        let _timer = Timer::new("delete", user);
         match entry.delete_credential() {
             Ok(()) => Ok(true),
             Err(KeyringError::NoEntry) => Ok(false),
@@ -168,9 +215,21 @@ impl Keychain {
 
     /// Checks, without prompting, that operations can proceed: on the Secret Service, that the
     /// default collection exists and is unlocked (an operation on a locked collection would ask
-    /// for an unlock prompt and wait for a human). `Locked` or `Unavailable` otherwise.
+    /// for an unlock prompt and wait for a human), `Locked` or `Unavailable` otherwise; on
+    /// keyutils, once per process, that a key can be written and linked (a refused link leaves
+    /// the key behind in the session keyring, so no secret is written before this passed).
     pub fn check_access(&self) -> Result<(), ProviderError> {
         match self.kind {
+            #[cfg(target_os = "linux")]
+            StoreKind::Keyutils => {
+                use std::sync::atomic::Ordering;
+                if self.keyutils_ready.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                self.keyutils_probe()?;
+                self.keyutils_ready.store(true, Ordering::Release);
+                Ok(())
+            }
             #[cfg(target_os = "linux")]
             StoreKind::SecretService => match self.secret_service_state() {
                 SsState::Unlocked => Ok(()),
@@ -240,9 +299,9 @@ impl Keychain {
                 ErrorCode::InvalidRequest,
                 format!("{what}: its {field} exceeds the limit of {limit} of {store}"),
             ),
-            KeyringError::Invalid(field, reason) => ProviderError::internal(format!(
-                "{what}: {store} refused the {field}: {reason}"
-            )),
+            KeyringError::Invalid(field, reason) => {
+                ProviderError::internal(format!("{what}: {store} refused the {field}: {reason}"))
+            }
             KeyringError::NoStorageAccess(inner) => self.no_access(what, &*inner),
             KeyringError::PlatformFailure(inner) => self.platform_failure(what, &*inner),
             other => {
@@ -263,11 +322,13 @@ impl Keychain {
             ),
             StoreKind::Keyutils => ProviderError::new(
                 ErrorCode::PermissionDenied,
-                format!("{what}: the kernel refused access to the session keyring ({inner}): {KEYUTILS_SESSION_ADVICE}"),
+                format!("{what}: the kernel refused access ({inner}): {KEYUTILS_SESSION_ADVICE}"),
             ),
             StoreKind::Macos => ProviderError::new(
                 ErrorCode::Locked,
-                format!("{what}: the keychain refused access ({inner}); unlock the login keychain and retry"),
+                format!(
+                    "{what}: the keychain refused access ({inner}); unlock the login keychain and retry"
+                ),
             ),
             StoreKind::Windows => ProviderError::new(
                 ErrorCode::PermissionDenied,
@@ -306,7 +367,9 @@ impl Keychain {
     pub fn lock(&self, deadline: std::time::Instant) -> Result<std::fs::File, ProviderError> {
         match &self.lock {
             Some(lock) => lock.acquire(deadline),
-            None => Err(ProviderError::internal("this keychain handle has no write lock")),
+            None => Err(ProviderError::internal(
+                "this keychain handle has no write lock",
+            )),
         }
     }
 
@@ -321,6 +384,34 @@ impl Keychain {
                 ))
             }),
         }
+    }
+}
+
+/// Logs how long one keychain call took, at debug level (the entry's user, never its data).
+struct Timer {
+    op: &'static str,
+    user: String,
+    started: std::time::Instant,
+}
+
+impl Timer {
+    fn new(op: &'static str, user: &str) -> Timer {
+        Timer {
+            op,
+            user: user.to_string(),
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        tracing::debug!(
+            op = self.op,
+            user = %self.user,
+            micros = self.started.elapsed().as_micros() as u64,
+            "keychain call"
+        );
     }
 }
 
@@ -352,9 +443,13 @@ const SS_ADVICE: &str = "run the provider inside the desktop session, or start a
     gnome-keyring-daemon --components=secrets --daemonize --unlock; exec keyhole serve'`; \
     on a headless machine use --store keyutils";
 
-const KEYUTILS_SESSION_ADVICE: &str = "this process's session keyring belongs to another user \
-    or forbids writes; start the provider (or the gateway that starts it) under a session \
-    keyring of its own: `keyctl session - keyhole serve`";
+const KEYUTILS_SESSION_ADVICE: &str = "keys go to this process's session keyring and are \
+    linked to the user's persistent keyring, and this session keyring (often the user-default \
+    one of a container or service, not a login session's) does not allow that; run the provider \
+    under a session keyring of its own: `keyctl session - keyhole-provider-keychain --store \
+    keyutils ...` (as a spawned provider: command \"keyctl\", args [\"session\", \"-\", \
+    \"keyhole-provider-keychain\", \"--store\", \"keyutils\"]), or start the gateway under \
+    `keyctl session -`";
 
 fn build_store(kind: StoreKind) -> Result<Arc<CredentialStore>, KeyringError> {
     match kind {
@@ -399,25 +494,27 @@ enum SsState {
 #[cfg(target_os = "linux")]
 const SS_NAME: &str = "org.freedesktop.secrets";
 
+/// How long the default collection's path is trusted before the alias is read again.
+#[cfg(target_os = "linux")]
+const COLLECTION_CACHE: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[cfg(target_os = "linux")]
 impl Keychain {
     fn bus(&self) -> Result<zbus::blocking::Connection, String> {
         if let Some(conn) = guard(&self.bus).as_ref() {
             return Ok(conn.clone());
         }
-        let conn = zbus::blocking::Connection::session().map_err(|e| {
-            format!(
-                "cannot reach {} ({e}); {SS_ADVICE}",
-                bus_description()
-            )
-        })?;
+        let conn = zbus::blocking::Connection::session()
+            .map_err(|e| format!("cannot reach {} ({e}); {SS_ADVICE}", bus_description()))?;
         *guard(&self.bus) = Some(conn.clone());
         Ok(conn)
     }
 
-    /// Two round trips on a plain D-Bus connection: the `default` alias, then the collection's
-    /// `Locked` property. Never calls anything that could prompt.
+    /// On a plain D-Bus connection, the default collection's `Locked` property (and, every few
+    /// seconds, the `default` alias, to follow a change of default). Never calls anything that
+    /// could prompt.
     fn secret_service_state(&self) -> SsState {
+        let _timer = Timer::new("probe", "");
         let conn = match self.bus() {
             Ok(conn) => conn,
             Err(detail) => return SsState::Unavailable(detail),
@@ -425,6 +522,7 @@ impl Keychain {
         let fail = |e: zbus::Error| {
             // The connection may be dead; connect afresh next time.
             *guard(&self.bus) = None;
+            *guard(&self.collection) = None;
             SsState::Unavailable(match &e {
                 zbus::Error::MethodError(name, _, _)
                     if name.as_str() == "org.freedesktop.DBus.Error.ServiceUnknown"
@@ -444,27 +542,39 @@ impl Keychain {
                 ),
             })
         };
-        let alias = conn.call_method(
-            Some(SS_NAME),
-            "/org/freedesktop/secrets",
-            Some("org.freedesktop.Secret.Service"),
-            "ReadAlias",
-            &("default",),
-        );
-        let path: zbus::zvariant::OwnedObjectPath = match alias.and_then(|m| m.body().deserialize())
-        {
-            Ok(path) => path,
-            Err(e) => return fail(e),
+        let cached = guard(&self.collection)
+            .as_ref()
+            .filter(|(_, at)| at.elapsed() < COLLECTION_CACHE)
+            .map(|(path, _)| path.clone());
+        let path = match cached {
+            Some(path) => path,
+            None => {
+                let alias = conn.call_method(
+                    Some(SS_NAME),
+                    "/org/freedesktop/secrets",
+                    Some("org.freedesktop.Secret.Service"),
+                    "ReadAlias",
+                    &("default",),
+                );
+                let path: zbus::zvariant::OwnedObjectPath =
+                    match alias.and_then(|m| m.body().deserialize()) {
+                        Ok(path) => path,
+                        Err(e) => return fail(e),
+                    };
+                if path.as_str() == "/" {
+                    return SsState::Unavailable(
+                        "the Secret Service has no default collection (keyring) to keep secrets \
+                         in: create one, e.g. start `gnome-keyring-daemon --components=secrets \
+                         --unlock` with a password on stdin, which creates the login keyring, or \
+                         make one the default in Passwords and Keys"
+                            .into(),
+                    );
+                }
+                let path = path.as_str().to_string();
+                *guard(&self.collection) = Some((path.clone(), std::time::Instant::now()));
+                path
+            }
         };
-        if path.as_str() == "/" {
-            return SsState::Unavailable(
-                "the Secret Service has no default collection (keyring) to keep secrets in: \
-                 create one, e.g. start `gnome-keyring-daemon --components=secrets --unlock` \
-                 with a password on stdin, which creates the login keyring, or make one the \
-                 default in Passwords and Keys"
-                    .into(),
-            );
-        }
         let property = |name: &str| {
             conn.call_method(
                 Some(SS_NAME),
@@ -475,8 +585,7 @@ impl Keychain {
             )
             .and_then(|m| m.body().deserialize::<zbus::zvariant::OwnedValue>())
         };
-        let locked = match property("Locked").and_then(|v| bool::try_from(v).map_err(Into::into))
-        {
+        let locked = match property("Locked").and_then(|v| bool::try_from(v).map_err(Into::into)) {
             Ok(locked) => locked,
             Err(e) => return fail(e),
         };
@@ -487,20 +596,67 @@ impl Keychain {
             .ok()
             .and_then(|v| String::try_from(v).ok())
             .filter(|l| !l.is_empty())
-            .unwrap_or_else(|| path.as_str().to_string());
+            .unwrap_or_else(|| path.clone());
         SsState::Locked(format!(
             "the default Secret Service collection {label:?} is locked: {UNLOCK_ADVICE}"
         ))
     }
 
-    fn keyutils_health(&self) -> (HealthStatus, String) {
-        // A write probe: on these machines reads of a foreign session keyring can work while
-        // writes are refused, so only a write tells.
+    /// Writes and deletes a one-byte probe key. Where the session keyring does not allow the
+    /// link to the persistent keyring (the user-default session keyring of a container or a
+    /// service), reads can work while writes fail half-way, so only a write tells.
+    fn keyutils_probe(&self) -> Result<(), ProviderError> {
         let result = self
-            .set(layout::PROBE, "", &[1], "the health probe")
-            .and_then(|()| self.delete(layout::PROBE, "the health probe"));
+            .set(layout::PROBE, "", &[1], "the keyutils write probe")
+            .and_then(|()| self.delete(layout::PROBE, "the keyutils write probe"))
+            .map(|_| ());
+        if result.is_err() {
+            self.scrub_probe();
+        }
+        result
+    }
+
+    /// Removes a probe key a failed write left in the session keyring, where the store's own
+    /// search may not find it.
+    fn scrub_probe(&self) {
+        use linux_keyutils::{KeyRing, KeyRingIdentifier};
+        let description = format!("{}:{}", self.service, layout::PROBE);
+        let Ok(session) = KeyRing::from_special_id(KeyRingIdentifier::Session, false) else {
+            return;
+        };
+        let Ok(links) = session.get_links(4096) else {
+            return;
+        };
+        for key in links.iter().filter_map(|node| node.as_key()) {
+            if key
+                .metadata()
+                .is_ok_and(|m| m.get_description() == description)
+            {
+                let _ = session.unlink_key(key);
+            }
+        }
+    }
+
+    fn keyutils_health(&self) -> (HealthStatus, String) {
+        use linux_keyutils::{KeyRing, KeyRingIdentifier};
+        let result = self.keyutils_probe();
+        if result.is_ok() {
+            self.keyutils_ready
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
         match result {
-            Ok(_) => (HealthStatus::Ok, String::new()),
+            Ok(()) => match KeyRing::get_persistent(KeyRingIdentifier::Session) {
+                Ok(_) => (HealthStatus::Ok, String::new()),
+                Err(e) => (
+                    HealthStatus::Degraded,
+                    format!(
+                        "the kernel gives uid {} no persistent keyring ({e}): secrets live only \
+                         as long as this provider's session keyring; run the gateway under \
+                         `keyctl session -` so they outlive one provider process",
+                        nix::unistd::geteuid().as_raw()
+                    ),
+                ),
+            },
             Err(e) if e.code == ErrorCode::PermissionDenied && e.message.contains("quota") => {
                 (HealthStatus::Degraded, e.message)
             }
@@ -514,9 +670,8 @@ fn bus_description() -> String {
     match std::env::var("DBUS_SESSION_BUS_ADDRESS") {
         Ok(address) if !address.is_empty() => format!("the D-Bus session bus at {address}"),
         _ => {
-            let runtime = std::env::var("XDG_RUNTIME_DIR").unwrap_or_else(|_| {
-                format!("/run/user/{}", nix::unistd::geteuid().as_raw())
-            });
+            let runtime = std::env::var("XDG_RUNTIME_DIR")
+                .unwrap_or_else(|_| format!("/run/user/{}", nix::unistd::geteuid().as_raw()));
             format!(
                 "the D-Bus session bus (DBUS_SESSION_BUS_ADDRESS is unset, and \
                  {runtime}/bus was tried)"

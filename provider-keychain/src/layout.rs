@@ -5,8 +5,8 @@
 //!
 //! | user | holds |
 //! |---|---|
-//! | `ptr:<H>` | the **pointer** of one secret: its name, the version counter, the current version (none = revoked: the tombstone), the kept versions, labels, timestamps, as JSON |
-//! | `ver:<H>:<N>` | version `N` of that secret: the byte `01` followed by the raw value |
+//! | `ptr:<H>` | the **pointer** of one secret: the byte `02`, the length of the metadata (u32, big-endian), the metadata as JSON (name, version counter, current version or none for the revocation tombstone, kept versions, labels, timestamps), then the current value when it is stored inline |
+//! | `ver:<H>:<N>` | version `N` of that secret when it is not inline in the pointer: the byte `01`, then the raw value |
 //! | `index` | the name index's head: how many chunks it has, as JSON |
 //! | `index:<K>` | chunk `K` of the name index: a JSON list of names |
 //!
@@ -14,7 +14,14 @@
 //! bytes and may hold any character, while keychain user fields are short (513 characters on
 //! Windows). The pointer stores the full name and is checked against it on every read.
 //!
-//! The one-byte prefix of a version entry is a format tag. It also makes the empty value
+//! The current value is kept inline in the pointer whenever pointer and value fit one entry
+//! (always on the Secret Service and macOS; on keyutils and Windows, when the value is small
+//! enough): creating a secret is then one keychain write besides the index, and resolving it one
+//! read. Every keychain write is expensive (gnome-keyring rewrites its whole keyring file), so
+//! this halves the cost of a store. Older kept versions, and a current value too large to be
+//! inline, live in `ver:` entries.
+//!
+//! The one-byte prefixes are format tags. The one of a version entry also makes the empty value
 //! storable: the kernel keyring refuses an empty payload.
 
 use std::collections::BTreeMap;
@@ -31,6 +38,12 @@ pub const FORMAT: u32 = 1;
 
 /// The first byte of a version entry: format 1, the raw value follows.
 pub const VALUE_TAG: u8 = 0x01;
+
+/// The first byte of a pointer entry: format 1, then the metadata length and the metadata.
+pub const POINTER_TAG: u8 = 0x02;
+
+/// The bytes a pointer entry adds to its metadata: the tag and the length.
+pub const POINTER_OVERHEAD: usize = 5;
 
 /// The bytes a version entry adds to its value.
 pub const VALUE_OVERHEAD: usize = 1;
@@ -99,6 +112,10 @@ pub struct Pointer {
     pub counter: u64,
     /// The current version; `None` is the revocation tombstone.
     pub current: Option<u64>,
+    /// Whether the current value follows the metadata in the pointer entry (else it is in its
+    /// version entry).
+    #[serde(default)]
+    pub inline: bool,
     /// The versions still readable, oldest first; empty while revoked.
     pub kept: Vec<Kept>,
     /// Every version up to this one was revoked: a pinned resolve of it answers `Revoked`.
@@ -123,6 +140,7 @@ impl Pointer {
             name: name.to_string(),
             counter: 0,
             current: None,
+            inline: false,
             kept: Vec::new(),
             revoked_through: 0,
             garbage: Vec::new(),
@@ -183,20 +201,70 @@ impl Pointer {
     pub fn revoke(&mut self, now: u64) {
         self.garbage.extend(self.kept.drain(..).map(|k| k.v));
         self.current = None;
+        self.inline = false;
         self.revoked_through = self.counter;
         self.updated_ms = now;
     }
 
-    /// The JSON bytes.
-    pub fn to_bytes(&self) -> Result<Vec<u8>, ProviderError> {
-        to_json(self)
+    /// The pointer entry's bytes, with `value` inline if given (and `inline` set to match).
+    /// Zeroized when dropped.
+    pub fn seal(&mut self, value: Option<&[u8]>) -> Result<Zeroizing<Vec<u8>>, ProviderError> {
+        self.inline = value.is_some();
+        let meta = to_json(self)?;
+        let len = u32::try_from(meta.len())
+            .map_err(|_| ProviderError::internal("a pointer's metadata exceeds 4 GiB"))?;
+        let value = value.unwrap_or_default();
+        let mut out = Zeroizing::new(Vec::with_capacity(
+            POINTER_OVERHEAD + meta.len() + value.len(),
+        ));
+        out.push(POINTER_TAG);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&meta);
+        out.extend_from_slice(value);
+        Ok(out)
     }
 
-    /// Parses a pointer read from the keychain; `what` names it in errors.
-    pub fn from_bytes(bytes: &[u8], what: &str) -> Result<Pointer, ProviderError> {
-        let p: Pointer = parse(bytes, what)?;
+    /// The size of the pointer entry with `value_len` bytes inline (`None`: not inline).
+    pub fn sealed_len(&self, value_len: Option<usize>) -> Result<usize, ProviderError> {
+        let mut meta = self.clone();
+        meta.inline = value_len.is_some();
+        Ok(POINTER_OVERHEAD + to_json(&meta)?.len() + value_len.unwrap_or(0))
+    }
+
+    /// Parses a pointer entry read from the keychain; `what` names it in errors. The inline
+    /// value, if any, comes back too (only when `with_value`; otherwise it stays in `bytes`,
+    /// which the caller zeroizes).
+    pub fn open(
+        bytes: &[u8],
+        what: &str,
+        with_value: bool,
+    ) -> Result<(Pointer, Option<SecretBytes>), ProviderError> {
+        let damaged = |why: &str| {
+            ProviderError::internal(format!(
+                "{what} in the keychain is damaged or not keyhole's ({why}); revoke and store \
+                 the secret again"
+            ))
+        };
+        let (tag, rest) = bytes.split_first().ok_or_else(|| damaged("empty"))?;
+        if *tag != POINTER_TAG {
+            return Err(damaged("unknown format tag"));
+        }
+        let (len, rest) = rest
+            .split_first_chunk::<4>()
+            .ok_or_else(|| damaged("truncated"))?;
+        let len = u32::from_be_bytes(*len) as usize;
+        if rest.len() < len {
+            return Err(damaged("truncated"));
+        }
+        let (meta, value) = rest.split_at(len);
+        let p: Pointer = parse(meta, what)?;
         check_format(p.f, what)?;
-        Ok(p)
+        let inline = p.inline && p.current.is_some();
+        if !inline && !value.is_empty() {
+            return Err(damaged("unexpected bytes after the metadata"));
+        }
+        let value = (inline && with_value).then(|| SecretBytes::copy_from(value));
+        Ok((p, value))
     }
 }
 
@@ -272,7 +340,9 @@ fn check_format(f: u32, what: &str) -> Result<(), ProviderError> {
     } else {
         Err(ProviderError::new(
             ErrorCode::Internal,
-            format!("{what} has format {f}, written by another keyhole version (this one reads {FORMAT})"),
+            format!(
+                "{what} has format {f}, written by another keyhole version (this one reads {FORMAT})"
+            ),
         ))
     }
 }
@@ -291,7 +361,10 @@ mod tests {
     fn names_hash_to_fixed_short_keys() {
         let h = name_hash("db/password");
         assert_eq!(h.len(), 32);
-        assert!(h.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert!(
+            h.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
         assert_ne!(h, name_hash("db/password2"));
         assert_eq!(pointer_user(&h), format!("ptr:{h}"));
         assert_eq!(version_user(&h, 7), format!("ver:{h}:7"));
@@ -313,7 +386,15 @@ mod tests {
     fn versions_are_canonical_decimals() {
         assert_eq!(parse_version("1"), Some(1));
         assert_eq!(parse_version("42"), Some(42));
-        for bad in ["", "0x1", "+1", "01", " 1", "-1", "kh-conformance-no-such-version"] {
+        for bad in [
+            "",
+            "0x1",
+            "+1",
+            "01",
+            " 1",
+            "-1",
+            "kh-conformance-no-such-version",
+        ] {
             assert_eq!(parse_version(bad), None, "{bad}");
         }
     }
@@ -339,18 +420,48 @@ mod tests {
     }
 
     #[test]
-    fn records_round_trip_and_damage_is_reported_without_content() {
+    fn pointers_round_trip_with_and_without_an_inline_value() {
         let mut p = Pointer::new("a/b", 1, BTreeMap::from([("k".into(), "v".into())]));
         p.push(2, 10).unwrap();
-        let back = Pointer::from_bytes(&p.to_bytes().unwrap(), "the pointer").unwrap();
-        assert_eq!(back, p);
-        let e = Pointer::from_bytes(b"{\"f\":1,\"name\":\"secret-looking\"", "the pointer")
-            .unwrap_err();
-        assert_eq!(e.code, ErrorCode::Internal);
-        assert!(!e.message.contains("secret-looking"), "{}", e.message);
+        for value in [&b""[..], b"\xff\x00value"] {
+            let sealed = p.seal(Some(value)).unwrap();
+            assert_eq!(sealed.len(), p.sealed_len(Some(value.len())).unwrap());
+            assert_eq!(sealed[0], POINTER_TAG);
+            let (back, got) = Pointer::open(&sealed, "the pointer", true).unwrap();
+            assert_eq!(back, p);
+            assert!(back.inline);
+            assert_eq!(got.unwrap().expose(), value);
+            let (_, none) = Pointer::open(&sealed, "the pointer", false).unwrap();
+            assert!(none.is_none());
+        }
+        let sealed = p.seal(None).unwrap();
+        assert_eq!(sealed.len(), p.sealed_len(None).unwrap());
+        let (back, got) = Pointer::open(&sealed, "the pointer", true).unwrap();
+        assert!(!back.inline);
+        assert!(got.is_none());
+    }
+
+    #[test]
+    fn damaged_pointers_are_reported_without_content() {
+        let mut p = Pointer::new("secret-looking", 1, BTreeMap::new());
+        p.push(2, 10).unwrap();
+        let sealed = p.seal(Some(b"canary-value")).unwrap();
+        for cut in [0, 1, 4, 20, sealed.len() - 13] {
+            let e = Pointer::open(&sealed[..cut], "the pointer", true).unwrap_err();
+            assert_eq!(e.code, ErrorCode::Internal);
+            assert!(!e.message.contains("secret-looking"), "{}", e.message);
+            assert!(!e.message.contains("canary"), "{}", e.message);
+        }
+        let mut wrong = sealed.to_vec();
+        wrong[0] = VALUE_TAG;
+        assert!(Pointer::open(&wrong, "the pointer", true).is_err());
         let mut newer = p.clone();
         newer.f = 2;
-        let e = Pointer::from_bytes(&newer.to_bytes().unwrap(), "the pointer").unwrap_err();
+        let e = Pointer::open(&newer.seal(None).unwrap(), "the pointer", true).unwrap_err();
         assert!(e.message.contains("format 2"), "{}", e.message);
+        // Trailing bytes on a pointer that says nothing is inline.
+        let mut extra = p.seal(None).unwrap().to_vec();
+        extra.push(0);
+        assert!(Pointer::open(&extra, "the pointer", true).is_err());
     }
 }

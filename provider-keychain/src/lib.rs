@@ -23,6 +23,7 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod index;
 pub mod layout;
 pub mod lock;
 pub mod ops;

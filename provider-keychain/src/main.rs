@@ -75,6 +75,7 @@ fn init_tracing() {
 
 fn serve(options: &KeychainOptions, serve: &ServeArgs) -> Result<(), String> {
     let kind = options.store_kind()?;
+    Keychain::prepare_process(kind);
     // Fail before dialling the gateway if the mode is incomplete.
     serve.mode()?;
     let dir = options.lock_dir.clone().unwrap_or_else(lock::default_dir);
@@ -98,6 +99,7 @@ fn serve(options: &KeychainOptions, serve: &ServeArgs) -> Result<(), String> {
 
 fn probe(options: &KeychainOptions) -> Result<ExitCode, String> {
     let kind = options.store_kind()?;
+    Keychain::prepare_process(kind);
     let deadline = options.backend_timeout().min(PROBE_DEADLINE);
     let keychain = std::sync::Arc::new(Keychain::new(kind, &options.service, None));
     let (tx, rx) = std::sync::mpsc::channel();
@@ -106,16 +108,16 @@ fn probe(options: &KeychainOptions) -> Result<ExitCode, String> {
     std::thread::spawn(move || {
         let _ = tx.send(worker.health());
     });
-    let report = rx.recv_timeout(deadline).unwrap_or_else(|_| {
-        keyhole_providers::protocol::HealthReport {
-            status: HealthStatus::Unavailable,
-            detail: format!(
-                "{} did not answer within {} ms: its daemon may hang or wait on a prompt",
-                kind.describe(),
-                deadline.as_millis()
-            ),
-        }
-    });
+    let report =
+        rx.recv_timeout(deadline)
+            .unwrap_or_else(|_| keyhole_providers::protocol::HealthReport {
+                status: HealthStatus::Unavailable,
+                detail: format!(
+                    "{} did not answer within {} ms: its daemon may hang or wait on a prompt",
+                    kind.describe(),
+                    deadline.as_millis()
+                ),
+            });
     let (code, status) = match report.status {
         HealthStatus::Ok => (0, "Ok"),
         HealthStatus::Degraded => (0, "Degraded"),

@@ -3,26 +3,25 @@
 //! Writes (store, rotate, revoke) hold the write lock across their read-check-write. The write
 //! order makes every interruption safe:
 //!
-//! - **Store or rotate**: for a new name, append it to the index; write the new version's entry;
-//!   delete leftover garbage; write the pointer (the commit point: until then readers see the
-//!   old state); delete the versions the new pointer no longer keeps. An interruption before
-//!   the commit leaves an unreferenced version entry that the next write of the same number
-//!   replaces, or an index name without a pointer, which List skips.
-//! - **Revoke**: write the tombstone first, so every reader answers `Revoked` at once, then
-//!   delete the version entries. The tombstone lists them until a later write has deleted them,
-//!   and a repeated revoke retries their deletion; revoke succeeds only once they are gone.
+//! - **Store or rotate**: for a new name, append it to the index; if the old current value was
+//!   inline in the pointer and stays kept, copy it to its version entry; if the new value is too
+//!   large to be inline, write its version entry; delete leftover garbage; write the pointer (the
+//!   commit point: until then readers see the old state); delete the version entries the new
+//!   pointer no longer keeps. An interruption before the commit leaves entries nothing refers to
+//!   (the next write of the same version number replaces them), or an index name without a
+//!   pointer, which List skips.
+//! - **Revoke**: write the tombstone first (it drops an inline value), so every reader answers
+//!   `Revoked` at once, then delete the version entries. The tombstone lists them until a later
+//!   write has deleted them, and a repeated revoke retries their deletion; revoke succeeds only
+//!   once they are gone.
 
-use std::collections::BTreeSet;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use keyhole_providers::protocol::{Description, ErrorCode, ProviderError, SecretBytes};
 use keyhole_providers::{Resolved, StoreRequest};
 
 use crate::backend::Keychain;
-use crate::layout::{
-    self, FORMAT, INDEX_HEAD, IndexChunk, IndexHead, Pointer, index_chunk_user, name_hash,
-    parse_version, pointer_user, version_user,
-};
+use crate::layout::{self, Pointer, name_hash, parse_version, pointer_user, version_user};
 
 /// How often a resolve re-reads the pointer when the version it names vanished in between (a
 /// concurrent rotate trimmed it, or a revoke deleted it).
@@ -52,36 +51,52 @@ fn version_label(name: &str, v: u64) -> String {
     format!("keyhole: {name} (version {v})")
 }
 
-/// The pointer of `name`, or `None` if it never existed.
-fn read_pointer(kc: &Keychain, name: &str, hash: &str) -> Result<Option<Pointer>, ProviderError> {
+/// The pointer of `name` and, when `with_value`, its inline value; `None` if it never existed.
+fn read_pointer(
+    kc: &Keychain,
+    name: &str,
+    hash: &str,
+    with_value: bool,
+) -> Result<Option<(Pointer, Option<SecretBytes>)>, ProviderError> {
     let what = pointer_what(name);
     let Some(bytes) = kc.get(&pointer_user(hash), &what)? else {
         return Ok(None);
     };
-    let pointer = Pointer::from_bytes(&bytes, &what)?;
+    let (pointer, value) = Pointer::open(&bytes, &what, with_value)?;
     if pointer.name != name {
         return Err(ProviderError::internal(format!(
             "{what} belongs to another name with the same hash {hash}; keyhole cannot keep both"
         )));
     }
-    Ok(Some(pointer))
+    Ok(Some((pointer, value)))
 }
 
-fn write_pointer(kc: &Keychain, pointer: &Pointer, hash: &str) -> Result<(), ProviderError> {
+fn write_pointer(
+    kc: &Keychain,
+    pointer: &mut Pointer,
+    hash: &str,
+    value: Option<&[u8]>,
+) -> Result<(), ProviderError> {
+    let sealed = pointer.seal(value)?;
     kc.set(
         &pointer_user(hash),
         &pointer_label(&pointer.name),
-        &pointer.to_bytes()?,
+        &sealed,
         &pointer_what(&pointer.name),
     )
 }
 
 /// Resolve: the current value, or the pinned version.
-pub fn resolve(kc: &Keychain, name: &str, version: Option<&str>) -> Result<Resolved, ProviderError> {
+pub fn resolve(
+    kc: &Keychain,
+    name: &str,
+    version: Option<&str>,
+) -> Result<Resolved, ProviderError> {
     kc.check_access()?;
     let hash = name_hash(name);
     for _ in 0..RESOLVE_ATTEMPTS {
-        let pointer = read_pointer(kc, name, &hash)?.ok_or_else(|| ProviderError::not_found(name))?;
+        let (pointer, inline) =
+            read_pointer(kc, name, &hash, true)?.ok_or_else(|| ProviderError::not_found(name))?;
         let Some(current) = pointer.current else {
             return Err(ProviderError::revoked(name));
         };
@@ -103,6 +118,14 @@ pub fn resolve(kc: &Keychain, name: &str, version: Option<&str>) -> Result<Resol
                 }
             },
         };
+        if v == current
+            && let Some(value) = inline
+        {
+            return Ok(Resolved {
+                value,
+                version: v.to_string(),
+            });
+        }
         if let Some(value) = kc.get_value(&version_user(&hash, v), &version_what(name, v))? {
             return Ok(Resolved {
                 value,
@@ -135,18 +158,19 @@ pub fn store(
     } = request;
     let hash = name_hash(&name);
     let now = now_ms();
-    match read_pointer(kc, &name, &hash)? {
+    match read_pointer(kc, &name, &hash, !create_only)? {
         Some(_) if create_only => Err(ProviderError::new(
             ErrorCode::AlreadyExists,
             format!("a secret named {name:?} already exists"),
         )),
-        Some(mut pointer) => {
+        Some((mut pointer, inline)) => {
             pointer.labels = labels;
-            commit(kc, pointer, &hash, &value, now, keep, false)
+            commit(kc, pointer, inline, &hash, &value, now, keep, false)
         }
         None => commit(
             kc,
             Pointer::new(&name, now, labels),
+            None,
             &hash,
             &value,
             now,
@@ -168,7 +192,8 @@ pub fn rotate(
     kc.check_access()?;
     let _lock = kc.lock(deadline)?;
     let hash = name_hash(name);
-    let pointer = read_pointer(kc, name, &hash)?.ok_or_else(|| ProviderError::not_found(name))?;
+    let (pointer, inline) =
+        read_pointer(kc, name, &hash, true)?.ok_or_else(|| ProviderError::not_found(name))?;
     if let Some(expected) = expected {
         let current = pointer.current.map(|v| v.to_string());
         if current.as_deref() != Some(expected) {
@@ -181,55 +206,81 @@ pub fn rotate(
             ));
         }
     }
-    commit(kc, pointer, &hash, value, now_ms(), keep, false)
+    commit(kc, pointer, inline, &hash, value, now_ms(), keep, false)
 }
 
-/// Writes a new version of `pointer` and commits it; see the module comment for the order.
+/// Writes a new version of `pointer` and commits it; `old_inline` is the current value the
+/// pointer holds inline, if any. See the module comment for the order.
+#[allow(clippy::too_many_arguments)]
 fn commit(
     kc: &Keychain,
     mut pointer: Pointer,
+    old_inline: Option<SecretBytes>,
     hash: &str,
     value: &SecretBytes,
     now: u64,
     keep: u32,
     new_name: bool,
 ) -> Result<String, ProviderError> {
+    let name = pointer.name.clone();
+    let cap = kc.kind().entry_cap();
+    // The old current value, when inline, has no entry of its own yet.
+    let moved = pointer.current.filter(|_| old_inline.is_some());
     let old_garbage = std::mem::take(&mut pointer.garbage);
     let v = pointer.push(now, keep)?;
-    let trimmed = pointer.garbage.clone();
-    // Refuse a pointer the store cannot hold before anything is written.
+    let trimmed: Vec<u64> = pointer
+        .garbage
+        .iter()
+        .copied()
+        .filter(|&t| Some(t) != moved)
+        .collect();
+    // Decide where the value goes, and refuse a pointer the store cannot hold, before writing.
     let mut largest = pointer.clone();
-    largest.garbage.extend(&old_garbage);
-    let size = largest.to_bytes()?.len();
-    if size > kc.kind().entry_cap() {
-        return Err(ProviderError::new(
-            ErrorCode::InvalidRequest,
-            format!(
-                "the pointer entry of {:?} would need {size} bytes, more than the {} bytes an \
-                 entry of {} holds; use a shorter name or fewer labels",
-                pointer.name,
-                kc.kind().entry_cap(),
-                kc.kind().describe()
-            ),
-        ));
+    largest.garbage = old_garbage.iter().chain(&trimmed).copied().collect();
+    let inline = largest.sealed_len(Some(value.len()))? <= cap;
+    if !inline {
+        let size = largest.sealed_len(None)?;
+        if size > cap {
+            return Err(ProviderError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "the pointer entry of {name:?} would need {size} bytes, more than the {cap} \
+                     bytes an entry of {} holds; use a shorter name or fewer labels",
+                    kc.kind().describe()
+                ),
+            ));
+        }
     }
     if new_name {
-        index_append(kc, &pointer.name)?;
+        kc.index().ensure(kc, &name)?;
     }
-    let sealed = layout::seal_value(value.expose());
-    kc.set(
-        &version_user(hash, v),
-        &version_label(&pointer.name, v),
-        &sealed,
-        &version_what(&pointer.name, v),
-    )?;
-    drop(sealed);
-    let mut garbage = delete_versions(kc, &pointer.name, hash, &old_garbage);
+    if let (Some(c), Some(old_value)) = (moved, &old_inline)
+        && pointer.keeps(c)
+    {
+        let sealed = layout::seal_value(old_value.expose());
+        kc.set(
+            &version_user(hash, c),
+            &version_label(&name, c),
+            &sealed,
+            &version_what(&name, c),
+        )?;
+    }
+    drop(old_inline);
+    if !inline {
+        let sealed = layout::seal_value(value.expose());
+        kc.set(
+            &version_user(hash, v),
+            &version_label(&name, v),
+            &sealed,
+            &version_what(&name, v),
+        )?;
+    }
+    let mut garbage = delete_versions(kc, &name, hash, &old_garbage);
     garbage.extend(trimmed.iter().copied());
     pointer.garbage = garbage;
-    write_pointer(kc, &pointer, hash)?;
+    write_pointer(kc, &mut pointer, hash, inline.then(|| value.expose()))?;
     // Best effort: the pointer lists them, and the next write retries what fails here.
-    delete_versions(kc, &pointer.name, hash, &trimmed);
+    delete_versions(kc, &name, hash, &trimmed);
     Ok(v.to_string())
 }
 
@@ -249,15 +300,24 @@ fn delete_versions(kc: &Keychain, name: &str, hash: &str, versions: &[u64]) -> V
 }
 
 /// Revoke: the tombstone, then the deletion of every version entry. Idempotent.
-pub fn revoke(kc: &Keychain, deadline: std::time::Instant, name: &str) -> Result<(), ProviderError> {
+pub fn revoke(
+    kc: &Keychain,
+    deadline: std::time::Instant,
+    name: &str,
+) -> Result<(), ProviderError> {
     kc.check_access()?;
     let _lock = kc.lock(deadline)?;
     let hash = name_hash(name);
-    let mut pointer =
-        read_pointer(kc, name, &hash)?.ok_or_else(|| ProviderError::not_found(name))?;
-    if pointer.current.is_some() {
+    let (mut pointer, _) =
+        read_pointer(kc, name, &hash, false)?.ok_or_else(|| ProviderError::not_found(name))?;
+    if let Some(current) = pointer.current {
+        let inline = pointer.inline;
         pointer.revoke(now_ms());
-        write_pointer(kc, &pointer, &hash)?;
+        if inline {
+            // Its value lives in the pointer, which the tombstone overwrites.
+            pointer.garbage.retain(|&v| v != current);
+        }
+        write_pointer(kc, &mut pointer, &hash, None)?;
     }
     // On a repeat this retries what an interrupted revoke left; the pointer is not rewritten, so
     // `updated_at_ms` stays.
@@ -270,109 +330,28 @@ pub fn revoke(kc: &Keychain, deadline: std::time::Instant, name: &str) -> Result
 /// Describe.
 pub fn describe(kc: &Keychain, name: &str) -> Result<Description, ProviderError> {
     kc.check_access()?;
-    read_pointer(kc, name, &name_hash(name))?
-        .map(|p| p.describe())
+    read_pointer(kc, name, &name_hash(name), false)?
+        .map(|(p, _)| p.describe())
         .ok_or_else(|| ProviderError::not_found(name))
 }
 
 /// The Description of a name the index lists, or `None` if its pointer does not exist (a store
 /// interrupted between the index and the pointer).
 pub fn describe_listed(kc: &Keychain, name: &str) -> Result<Option<Description>, ProviderError> {
-    Ok(read_pointer(kc, name, &name_hash(name))?.map(|p| p.describe()))
+    Ok(read_pointer(kc, name, &name_hash(name), false)?.map(|(p, _)| p.describe()))
 }
 
-/// The indexed names under `prefix` after `after`, sorted by byte order, without duplicates.
+/// The indexed names under `prefix` after `after`, sorted by byte order.
 pub fn list_names(
     kc: &Keychain,
     prefix: &str,
     after: Option<&str>,
 ) -> Result<Vec<String>, ProviderError> {
     kc.check_access()?;
-    let names: BTreeSet<String> = read_index(kc)?
+    Ok(kc
+        .index()
+        .names(kc)?
         .into_iter()
         .filter(|n| n.starts_with(prefix) && after.is_none_or(|a| n.as_str() > a))
-        .collect();
-    Ok(names.into_iter().collect())
-}
-
-const INDEX_WHAT: &str = "the name index";
-
-fn chunk_what(k: u32) -> String {
-    format!("chunk {k} of the name index")
-}
-
-fn chunk_label(k: u32) -> String {
-    format!("keyhole: name index, chunk {k}")
-}
-
-fn read_head(kc: &Keychain) -> Result<IndexHead, ProviderError> {
-    match kc.get(INDEX_HEAD, INDEX_WHAT)? {
-        Some(bytes) => IndexHead::from_bytes(&bytes),
-        None => Ok(IndexHead {
-            f: FORMAT,
-            chunks: 0,
-        }),
-    }
-}
-
-fn read_chunk(kc: &Keychain, k: u32) -> Result<Option<IndexChunk>, ProviderError> {
-    kc.get(&index_chunk_user(k), &chunk_what(k))?
-        .map(|bytes| IndexChunk::from_bytes(&bytes, k))
-        .transpose()
-}
-
-/// Every name in the index, in insertion order (duplicates possible).
-fn read_index(kc: &Keychain) -> Result<Vec<String>, ProviderError> {
-    let head = read_head(kc)?;
-    let mut names = Vec::new();
-    for k in 0..head.chunks {
-        // A missing chunk was never committed to the head's count; skip it.
-        if let Some(chunk) = read_chunk(kc, k)? {
-            names.extend(chunk.names);
-        }
-    }
-    Ok(names)
-}
-
-/// Appends `name` to the last chunk, or starts a new chunk when the last one is full. Called
-/// under the write lock, only for a name that has no pointer.
-fn index_append(kc: &Keychain, name: &str) -> Result<(), ProviderError> {
-    let cap = kc.kind().index_chunk_cap();
-    let mut head = read_head(kc)?;
-    if let Some(last) = head.chunks.checked_sub(1) {
-        let mut chunk = read_chunk(kc, last)?.unwrap_or(IndexChunk {
-            f: FORMAT,
-            names: Vec::new(),
-        });
-        chunk.names.push(name.to_string());
-        let bytes = chunk.to_bytes()?;
-        if bytes.len() <= cap {
-            return kc.set(
-                &index_chunk_user(last),
-                &chunk_label(last),
-                &bytes,
-                &chunk_what(last),
-            );
-        }
-    }
-    let k = head.chunks;
-    let chunk = IndexChunk {
-        f: FORMAT,
-        names: vec![name.to_string()],
-    };
-    kc.set(
-        &index_chunk_user(k),
-        &chunk_label(k),
-        &chunk.to_bytes()?,
-        &chunk_what(k),
-    )?;
-    head.chunks = k
-        .checked_add(1)
-        .ok_or_else(|| ProviderError::internal("the name index is full"))?;
-    kc.set(
-        INDEX_HEAD,
-        "keyhole: name index",
-        &head.to_bytes()?,
-        INDEX_WHAT,
-    )
+        .collect())
 }

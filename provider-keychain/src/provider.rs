@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keyhole_providers::protocol::{
-    Capabilities, Description, ErrorCode, HealthReport, HealthStatus, ProviderError,
-    ProviderInfo, SecretBytes,
+    Capabilities, Description, ErrorCode, HealthReport, HealthStatus, ProviderError, ProviderInfo,
+    SecretBytes,
 };
 use keyhole_providers::{Page, Provider, Resolved, StoreRequest, page_token};
 
@@ -101,6 +101,8 @@ impl Provider for KeychainProvider {
     }
 
     async fn store(&self, request: StoreRequest) -> Result<String, ProviderError> {
+        // Pending stores are indexed together by the first that needs the index.
+        let _pending = self.kc.index().register(&request.name);
         let _queue = self.writes.lock().await;
         let keep = self.keep;
         self.call("store", move |kc, deadline| {
@@ -127,8 +129,10 @@ impl Provider for KeychainProvider {
     async fn revoke(&self, name: &str) -> Result<(), ProviderError> {
         let _queue = self.writes.lock().await;
         let name = name.to_string();
-        self.call("revoke", move |kc, deadline| ops::revoke(kc, deadline, &name))
-            .await
+        self.call("revoke", move |kc, deadline| {
+            ops::revoke(kc, deadline, &name)
+        })
+        .await
     }
 
     async fn describe(&self, name: &str) -> Result<Description, ProviderError> {
