@@ -49,6 +49,9 @@ struct Cli {
     /// Internal: run the raw echo server on this socket.
     #[arg(long, hide = true)]
     echo_server: Option<PathBuf>,
+    /// Internal: run the raw echo server on this socket, on a single-threaded tokio runtime.
+    #[arg(long, hide = true)]
+    tokio_echo_server: Option<PathBuf>,
     /// Internal: run the gRPC server on this socket.
     #[arg(long, hide = true)]
     grpc_server: Option<PathBuf>,
@@ -89,6 +92,8 @@ fn main() {
     let cli = Cli::parse();
     let result = if let Some(path) = &cli.echo_server {
         echo_server(path, cli.size)
+    } else if let Some(path) = &cli.tokio_echo_server {
+        tokio_echo_server(path, cli.size)
     } else if let Some(path) = &cli.grpc_server {
         grpc::serve(path, cli.size).map_err(|e| e.to_string())
     } else if cli.credential_helper {
@@ -148,14 +153,38 @@ fn value(size: usize) -> SecretBytes {
 /// The floor: echo fixed-size messages back, with blocking I/O and nothing else.
 fn echo_server(path: &Path, size: usize) -> Result<(), String> {
     let listener = UnixListener::bind(path).map_err(|e| e.to_string())?;
-    let (mut conn, _) = listener.accept().map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; size];
-    while conn.read_exact(&mut buf).is_ok() {
-        if conn.write_all(&buf).is_err() {
-            break;
+    loop {
+        // One connection at a time: the readiness probe's, then the measurement's.
+        let (mut conn, _) = listener.accept().map_err(|e| e.to_string())?;
+        while conn.read_exact(&mut buf).is_ok() {
+            if conn.write_all(&buf).is_err() {
+                break;
+            }
         }
     }
-    Ok(())
+}
+
+/// The same echo, on the runtime keyhole's providers use (tokio, one thread, epoll): the part of
+/// keyhole's round trip that is the event loop's and not the protocol's.
+fn tokio_echo_server(path: &Path, size: usize) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let listener = tokio::net::UnixListener::bind(path).map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; size];
+        loop {
+            let (mut conn, _) = listener.accept().await.map_err(|e| e.to_string())?;
+            while conn.read_exact(&mut buf).await.is_ok() {
+                if conn.write_all(&buf).await.is_err() {
+                    break;
+                }
+            }
+        }
+    })
 }
 
 /// docker-credential-helpers style: read the request on stdin, write the value to stdout, exit.
@@ -182,15 +211,19 @@ impl Drop for Child {
     }
 }
 
+/// Waits until a helper listens on `path`: the file appears at bind(), a moment before
+/// listen(), so this waits for a connection to succeed (and closes it).
 fn wait_for(path: &Path) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !path.exists() {
-        if Instant::now() > deadline {
-            return Err(format!("{} never appeared", path.display()));
+    loop {
+        match UnixStream::connect(path) {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() > deadline => {
+                return Err(format!("{} never accepted: {e}", path.display()));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
         }
-        std::thread::sleep(Duration::from_millis(5));
     }
-    Ok(())
 }
 
 // --- measurements -----------------------------------------------------------------------------
@@ -247,11 +280,23 @@ fn raw_socket(effort: Effort, size: usize, dir: &Path) -> Result<Samples, String
 /// The floor and keyhole's round trip, measured in alternating blocks so both see the same
 /// scheduler conditions: on these VMs the cost of a cross-core wake-up swings between runs, and a
 /// ratio of two measurements taken minutes apart says more about placement than about code.
-async fn paired_floor(
-    effort: Effort,
-    dir: &Path,
-    memory: &Path,
-) -> Result<(Samples, Samples), String> {
+/// A third series, a 64-byte ping-pong with tokio at both ends, separates the event loop's share
+/// of keyhole's round trip (epoll wake-ups instead of a blocked read's) from the protocol's.
+async fn paired_floor(effort: Effort, dir: &Path, memory: &Path) -> Result<Floors, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tokio_path = dir.join("echo-tokio");
+    let _tokio_server = Child(
+        Command::new(self_exe()?)
+            .arg("--tokio-echo-server")
+            .arg(&tokio_path)
+            .spawn()
+            .map_err(|e| e.to_string())?,
+    );
+    wait_for(&tokio_path)?;
+    let mut tokio_conn = tokio::net::UnixStream::connect(&tokio_path)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut event_loop = Samples::default();
     let path = dir.join("echo-paired");
     let _server = Child(
         Command::new(self_exe()?)
@@ -294,12 +339,37 @@ async fn paired_floor(
                 kh.push(t.elapsed());
             }
         }
+        for _ in 0..block {
+            let t = Instant::now();
+            tokio_conn
+                .write_all(&out)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio_conn
+                .read_exact(&mut back)
+                .await
+                .map_err(|e| e.to_string())?;
+            if keep {
+                event_loop.push(t.elapsed());
+            }
+        }
     }
     let _ = running
         .client
         .call(Op::Goodbye {}, Duration::from_secs(2))
         .await;
-    Ok((raw, kh))
+    Ok(Floors {
+        raw,
+        event_loop,
+        keyhole: kh,
+    })
+}
+
+/// The three interleaved series of [`paired_floor`].
+struct Floors {
+    raw: Samples,
+    event_loop: Samples,
+    keyhole: Samples,
 }
 
 /// A provider started the gateway's way, with one connection.
@@ -569,14 +639,18 @@ async fn e2e_only(effort: Effort) -> Result<String, String> {
 async fn floor_only(effort: Effort) -> Result<String, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let memory = sibling("keyhole-provider-memory")?;
-    let (raw, kh) = paired_floor(effort, dir.path(), &memory).await?;
+    let f = paired_floor(effort, dir.path(), &memory).await?;
     Ok(format!(
-        "keyhole p50 {} p99 {} · raw p50 {} p99 {} · {:.2}×\n",
-        stats::fmt(kh.p50()),
-        stats::fmt(kh.p99()),
-        stats::fmt(raw.p50()),
-        stats::fmt(raw.p99()),
-        kh.p50() / raw.p50()
+        "keyhole p50 {} p99 {} · raw p50 {} p99 {} · {:.2}×\n\
+         tokio ping-pong p50 {} p99 {} · keyhole is {:.2}× it\n",
+        stats::fmt(f.keyhole.p50()),
+        stats::fmt(f.keyhole.p99()),
+        stats::fmt(f.raw.p50()),
+        stats::fmt(f.raw.p99()),
+        f.keyhole.p50() / f.raw.p50(),
+        stats::fmt(f.event_loop.p50()),
+        stats::fmt(f.event_loop.p99()),
+        f.keyhole.p50() / f.event_loop.p50(),
     ))
 }
 
@@ -707,8 +781,9 @@ async fn run(effort: Effort, smoke: bool) -> Result<String, String> {
         Some(kj <= 1.5 * kb),
     ));
 
-    eprintln!("interleaved: raw socket vs keyhole...");
-    let (praw, pkh) = paired_floor(effort, dir.path(), &memory).await?;
+    eprintln!("interleaved: raw socket vs tokio ping-pong vs keyhole...");
+    let f = paired_floor(effort, dir.path(), &memory).await?;
+    let (praw, pkh) = (&f.raw, &f.keyhole);
     rows.push(row(
         "interleaved: keyhole resolve (memory, bincode, 64 B) vs raw socket ping-pong (64 B), 1 in flight",
         format!(
@@ -719,6 +794,17 @@ async fn run(effort: Effort, smoke: bool) -> Result<String, String> {
         ),
         "≤ 1.25× (this row decides the goal)",
         Some(pkh.p50() <= 1.25 * praw.p50()),
+    ));
+    rows.push(row(
+        "interleaved: the same 64 B ping-pong with tokio (one thread, epoll) at both ends",
+        format!(
+            "p50 {} · {:.2}× raw · keyhole is {:.2}× it",
+            stats::fmt(f.event_loop.p50()),
+            f.event_loop.p50() / praw.p50(),
+            pkh.p50() / f.event_loop.p50()
+        ),
+        "(diagnostic: the event loop's share)",
+        None,
     ));
 
     eprintln!("gRPC...");
