@@ -211,9 +211,21 @@ impl Drop for Child {
     }
 }
 
-/// Waits until a helper listens on `path`: the file appears at bind(), a moment before
-/// listen(), so this waits for a connection to succeed (and closes it).
+/// Waits until `path` exists (a token file the gateway writes once it listens).
 fn wait_for(path: &Path) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        if Instant::now() > deadline {
+            return Err(format!("{} never appeared", path.display()));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// Waits until an echo helper listens on `path`: the file appears at bind(), a moment before
+/// listen(), so this waits for a connection to succeed (and closes it).
+fn wait_listening(path: &Path) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match UnixStream::connect(path) {
@@ -261,7 +273,7 @@ fn raw_socket(effort: Effort, size: usize, dir: &Path) -> Result<Samples, String
             .spawn()
             .map_err(|e| e.to_string())?,
     );
-    wait_for(&path)?;
+    wait_listening(&path)?;
     let mut conn = UnixStream::connect(&path).map_err(|e| e.to_string())?;
     let out = vec![7u8; size];
     let mut back = vec![0u8; size];
@@ -292,7 +304,7 @@ async fn paired_floor(effort: Effort, dir: &Path, memory: &Path) -> Result<Floor
             .spawn()
             .map_err(|e| e.to_string())?,
     );
-    wait_for(&tokio_path)?;
+    wait_listening(&tokio_path)?;
     let mut tokio_conn = tokio::net::UnixStream::connect(&tokio_path)
         .await
         .map_err(|e| e.to_string())?;
@@ -307,7 +319,7 @@ async fn paired_floor(effort: Effort, dir: &Path, memory: &Path) -> Result<Floor
             .spawn()
             .map_err(|e| e.to_string())?,
     );
-    wait_for(&path)?;
+    wait_listening(&path)?;
     let mut conn = UnixStream::connect(&path).map_err(|e| e.to_string())?;
     let running = start_provider(memory, &[], Encoding::Bincode).await?;
     store(&running.client, 64).await?;
@@ -665,7 +677,7 @@ async fn grpc_round_trip(effort: Effort, dir: &Path) -> Result<Samples, String> 
             .spawn()
             .map_err(|e| e.to_string())?,
     );
-    wait_for(&path)?;
+    wait_listening(&path)?;
     let ns = grpc::measure(&path, effort.warmup, effort.latency)
         .await
         .map_err(|e| e.to_string())?;
