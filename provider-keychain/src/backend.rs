@@ -2,7 +2,7 @@
 //! get/set/delete calls on its entries, the mapping of keyring errors to protocol error codes,
 //! and the health probe.
 //!
-//! Everything here blocks; [`crate::provider`] runs it on tokio's blocking pool under a deadline.
+//! Everything here blocks; [`crate::provider`] runs it on threads of its own under a deadline.
 //! The store object is held directly (not as keyring-core's process-wide default store) and built
 //! lazily, so a provider started before its D-Bus session is up still starts and answers Health;
 //! after a call times out the store is dropped and rebuilt on the next call, because a stuck call

@@ -14,7 +14,7 @@
 //! append-only name index for `List`. Writes are serialized in the process and, through an
 //! advisory lock file, across processes on the same host ([`lock`]).
 //!
-//! Every keychain call runs on tokio's blocking pool under a deadline (`--backend-timeout-ms`), so
+//! Every keychain call runs on a thread of its own under a deadline (`--backend-timeout-ms`), so
 //! a daemon that hangs, or waits on a prompt, yields `Unavailable` instead of a hung request. The
 //! provider never triggers an unlock prompt itself: on the Secret Service it checks that the
 //! default collection is unlocked before each operation and answers `Locked` when it is not.

@@ -1,4 +1,4 @@
-//! The keychain as a keyhole provider: every operation runs on tokio's blocking pool under the
+//! The keychain as a keyhole provider: every keychain call runs on a thread of its own under the
 //! backend deadline.
 
 use std::sync::Arc;
@@ -37,8 +37,13 @@ impl KeychainProvider {
         }
     }
 
-    /// Runs `f` on the blocking pool; `Unavailable` if it takes longer than the backend
+    /// Runs `f` on a thread of its own; `Unavailable` if it takes longer than the backend
     /// deadline. `f` gets a deadline for the write lock, a little before the caller gives up.
+    ///
+    /// A detached thread rather than tokio's blocking pool: when the gateway goes away the SDK
+    /// drops its runtime, and a runtime waits for its blocking tasks, so one call stuck in the
+    /// keychain (a daemon that never answers, a prompt nobody sees) would keep the process
+    /// alive. A detached thread dies with the process.
     async fn call<T: Send + 'static>(
         &self,
         what: &'static str,
@@ -47,10 +52,21 @@ impl KeychainProvider {
         let kc = Arc::clone(&self.kc);
         let margin = (self.timeout / 10).min(Duration::from_millis(100));
         let lock_deadline = Instant::now() + (self.timeout - margin);
-        // If the request is cancelled or times out, the blocking call still runs to its end; a
-        // write then finishes under the lock file, which keeps later writes out until it does.
-        let task = tokio::task::spawn_blocking(move || f(&kc, lock_deadline));
-        match tokio::time::timeout(self.timeout, task).await {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // If the request is cancelled or times out, the call still runs to its end; a write
+        // then finishes under the lock file, which keeps later writes out until it does.
+        std::thread::Builder::new()
+            .name("keychain".into())
+            .spawn(move || {
+                let _ = tx.send(f(&kc, lock_deadline));
+            })
+            .map_err(|e| {
+                ProviderError::new(
+                    ErrorCode::Unavailable,
+                    format!("cannot start a thread for the keychain call: {e}"),
+                )
+            })?;
+        match tokio::time::timeout(self.timeout, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(ProviderError::internal(format!(
                 "the keychain call for {what} failed unexpectedly"
