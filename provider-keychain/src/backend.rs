@@ -27,6 +27,8 @@ pub struct Keychain {
     kind: StoreKind,
     service: String,
     store: Mutex<Option<Arc<CredentialStore>>>,
+    /// Held while the store is being built.
+    building: Mutex<Arc<Mutex<()>>>,
     #[cfg(target_os = "linux")]
     bus: Mutex<Option<zbus::blocking::Connection>>,
     /// The default collection's object path, and when it was looked up.
@@ -60,6 +62,7 @@ impl Keychain {
             kind,
             service: service.to_string(),
             store: Mutex::new(None),
+            building: Mutex::new(Arc::new(Mutex::new(()))),
             #[cfg(target_os = "linux")]
             bus: Mutex::new(None),
             #[cfg(target_os = "linux")]
@@ -124,6 +127,7 @@ impl Keychain {
     /// after a timeout: the stuck call may hold the old store's connection forever.
     pub fn reset(&self) {
         *guard(&self.store) = None;
+        *guard(&self.building) = Arc::new(Mutex::new(()));
         #[cfg(target_os = "linux")]
         {
             *guard(&self.bus) = None;
@@ -135,7 +139,14 @@ impl Keychain {
         if let Some(store) = guard(&self.store).as_ref() {
             return Ok(Arc::clone(store));
         }
-        // Built outside the cache lock: building the Secret Service store connects to D-Bus.
+        // One builder at a time (the Secret Service store opens a connection and an encrypted
+        // session), outside the cache lock. A reset installs a new gate, so a build stuck on a
+        // dead daemon never blocks the builds after it.
+        let gate = Arc::clone(&guard(&self.building));
+        let _building = guard(&gate);
+        if let Some(store) = guard(&self.store).as_ref() {
+            return Ok(Arc::clone(store));
+        }
         let store = build_store(self.kind).map_err(|e| self.failure(e, "opening the keychain"))?;
         *guard(&self.store) = Some(Arc::clone(&store));
         Ok(store)
