@@ -37,6 +37,7 @@ pub struct Keychain {
     lock: Option<WriteLock>,
     index: NameIndex,
     /// Set once a keyutils write probe succeeded in this process.
+    #[cfg(target_os = "linux")]
     keyutils_ready: std::sync::atomic::AtomicBool,
 }
 
@@ -69,6 +70,7 @@ impl Keychain {
             collection: Mutex::new(None),
             lock,
             index: NameIndex::default(),
+            #[cfg(target_os = "linux")]
             keyutils_ready: std::sync::atomic::AtomicBool::new(false),
         }
     }

@@ -3,6 +3,7 @@
 //! and purges its keys at the end: keys are linked to the user's persistent keyring, which every
 //! process of the user shares.
 
+#![cfg(target_os = "linux")] // both backends exist only on Linux
 #![allow(clippy::unwrap_used)] // tests may panic on what they did not expect
 
 mod common;

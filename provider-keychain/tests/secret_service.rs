@@ -2,6 +2,7 @@
 //! D-Bus session per test (`dbus-run-session`), with a temporary HOME, so tests run in parallel
 //! and never touch the user's keyring.
 
+#![cfg(target_os = "linux")] // both backends exist only on Linux
 #![allow(clippy::unwrap_used)] // tests may panic on what they did not expect
 
 mod common;
