@@ -228,12 +228,8 @@ fn commit(
     let moved = pointer.current.filter(|_| old_inline.is_some());
     let old_garbage = std::mem::take(&mut pointer.garbage);
     let v = pointer.push(now, keep)?;
-    let trimmed: Vec<u64> = pointer
-        .garbage
-        .iter()
-        .copied()
-        .filter(|&t| Some(t) != moved)
-        .collect();
+    // Deleted even when `moved` (with --keep 1): an interrupted rotate may have left its entry.
+    let trimmed = pointer.garbage.clone();
     // Decide where the value goes, and refuse a pointer the store cannot hold, before writing.
     let mut largest = pointer.clone();
     largest.garbage = old_garbage.iter().chain(&trimmed).copied().collect();
@@ -310,18 +306,17 @@ pub fn revoke(
     let hash = name_hash(name);
     let (mut pointer, _) =
         read_pointer(kc, name, &hash, false)?.ok_or_else(|| ProviderError::not_found(name))?;
-    if let Some(current) = pointer.current {
-        let inline = pointer.inline;
+    if pointer.current.is_some() {
+        // The kept versions join the garbage, the current one too even when it is inline: an
+        // interrupted rotate may have left an entry for it.
         pointer.revoke(now_ms());
-        if inline {
-            // Its value lives in the pointer, which the tombstone overwrites.
-            pointer.garbage.retain(|&v| v != current);
-        }
         write_pointer(kc, &mut pointer, &hash, None)?;
     }
     // On a repeat this retries what an interrupted revoke left; the pointer is not rewritten, so
-    // `updated_at_ms` stays.
-    for &v in &pointer.garbage {
+    // `updated_at_ms` stays. The version after the last one goes too: an interrupted store or
+    // rotate may have written its entry without committing it.
+    let uncommitted = pointer.counter.checked_add(1);
+    for v in pointer.garbage.iter().copied().chain(uncommitted) {
         kc.delete(&version_user(&hash, v), &version_what(name, v))?;
     }
     Ok(())
