@@ -74,38 +74,99 @@ fn expected_cap() -> usize {
     32766.min(quota / 2)
 }
 
-#[tokio::test]
-async fn conformance_passes_against_keyutils_in_both_encodings() {
-    if !common::require(&["keyctl"], "the keyutils conformance run") {
-        return;
-    }
+/// Runs the suite against the provider under `keyctl session -` with `extra` arguments.
+async fn suite(extra: &[&str]) -> keyhole_conformance::Report {
     let env = TestEnv::new();
     let service = common::fresh_service();
     let _purge = Purge(service.clone());
     // Each provider process the suite starts gets a session keyring of its own; they share the
     // secrets through the user's persistent keyring.
-    let args: Vec<OsString> = [
-        "session",
-        "-",
-        common::BIN,
-        "--store",
-        "keyutils",
-        "--service",
-    ]
-    .into_iter()
-    .map(OsString::from)
-    .chain([OsString::from(&service)])
-    .collect();
+    let mut args: Vec<OsString> = ["session", "-", common::BIN, "--store", "keyutils"]
+        .into_iter()
+        .map(OsString::from)
+        .collect();
+    args.extend(["--service".into(), OsString::from(&service)]);
+    args.extend(extra.iter().map(OsString::from));
     let (program, args) = env.wrap("keyctl", &args);
     let target = Target::Spawn { program, args };
     let started = Instant::now();
     let report = keyhole_conformance::run(&target, &Options::default(), |_| {}).await;
     eprintln!(
-        "keyutils conformance: {} cases in {:.2} s",
+        "keyutils conformance {extra:?}: {} cases in {:.2} s",
         report.results.len(),
         started.elapsed().as_secs_f64()
     );
-    common::assert_suite_passes(&report);
+    report
+}
+
+#[tokio::test]
+async fn conformance_passes_against_keyutils_in_both_encodings() {
+    if !common::require(&["keyctl"], "the keyutils conformance run") {
+        return;
+    }
+    common::assert_suite_passes(&suite(&[]).await);
+}
+
+#[tokio::test]
+async fn conformance_passes_keeping_one_version() {
+    if !common::require(&["keyctl"], "the keyutils conformance run") {
+        return;
+    }
+    // With --keep 1 every rotate trims the previous version, inline or not.
+    common::assert_suite_passes(&suite(&["--keep", "1"]).await);
+}
+
+#[tokio::test]
+async fn a_pointer_too_large_for_one_key_is_refused_before_anything_is_written() {
+    if !common::require(&["keyctl"], "the keyutils pointer-size test") {
+        return;
+    }
+    let env = TestEnv::new();
+    let service = common::fresh_service();
+    let _purge = Purge(service.clone());
+    let served = common::serve(&env, &["--store", "keyutils", "--service", &service]).await;
+    let c = &served.client;
+    // Labels live in the pointer, and a key holds 32767 bytes.
+    let labels = (0..40)
+        .map(|i| (format!("label-{i}"), "x".repeat(1000)))
+        .collect();
+    let op = Op::Store {
+        name: "too/many/labels".into(),
+        value: keyhole_protocol::SecretBytes::copy_from(b"v"),
+        create_only: false,
+        labels,
+    };
+    let (outcome, _) = common::timed(c, op).await;
+    let e = common::expect_err(
+        outcome,
+        ErrorCode::InvalidRequest,
+        "a pointer over 32767 bytes",
+    );
+    assert!(e.message.contains("32767"), "{}", e.message);
+    let (outcome, _) = common::timed(c, common::resolve_op("too/many/labels", None)).await;
+    common::expect_err(
+        outcome,
+        ErrorCode::NotFound,
+        "resolve after the refused store",
+    );
+    match common::call(
+        c,
+        Op::List {
+            prefix: String::new(),
+            page: None,
+            limit: 0,
+        },
+    )
+    .await
+    {
+        Outcome::Ok(Reply::Listed { entries, .. }) => assert!(entries.is_empty(), "{entries:?}"),
+        other => panic!("list: {other:?}"),
+    }
+    assert!(
+        keyctl_read(&service, "index:0").is_none(),
+        "the name was indexed"
+    );
+    served.stop_within(Duration::from_secs(5)).await;
 }
 
 #[tokio::test]
