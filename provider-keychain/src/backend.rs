@@ -179,15 +179,41 @@ impl Keychain {
             .map_err(|e| self.failure(e, what))
     }
 
+    /// Runs `call` on entry `user`. On the Secret Service, a D-Bus failure (the daemon was
+    /// restarted, and the store's encrypted session with it) reconnects and runs the call once
+    /// more: each call is a single read, replace or delete, so running it twice is harmless.
+    fn with_entry<T>(
+        &self,
+        op: &'static str,
+        user: &str,
+        label: &str,
+        what: &str,
+        call: impl Fn(&Entry) -> Result<T, KeyringError>,
+    ) -> Result<T, ProviderError> {
+        let mut retried = false;
+        loop {
+            let entry = self.entry(user, label, what)?;
+            let _timer = Timer::new(op, user);
+            match call(&entry) {
+                Ok(v) => return Ok(v),
+                Err(KeyringError::PlatformFailure(_))
+                    if !retried && self.kind == StoreKind::SecretService =>
+                {
+                    retried = true;
+                    self.reset();
+                }
+                Err(e) => return Err(self.failure(e, what)),
+            }
+        }
+    }
+
     /// The bytes of entry `user`, or `None` if it does not exist. `what` names it in errors.
     pub fn get(&self, user: &str, what: &str) -> Result<Option<Zeroizing<Vec<u8>>>, ProviderError> {
-        let entry = self.entry(user, "", what)?;
-        let _timer = Timer::new("get", user);
-        match entry.get_secret() {
+        self.with_entry("get", user, "", what, |entry| match entry.get_secret() {
             Ok(bytes) => Ok(Some(Zeroizing::new(bytes))),
             Err(KeyringError::NoEntry) => Ok(None),
-            Err(e) => Err(self.failure(e, what)),
-        }
+            Err(e) => Err(e),
+        })
     }
 
     /// Creates or replaces entry `user`. `label` is the Secret Service item's label.
@@ -210,20 +236,18 @@ impl Keychain {
                 ),
             ));
         }
-        let entry = self.entry(user, label, what)?;
-        let _timer = Timer::new("set", user);
-        entry.set_secret(bytes).map_err(|e| self.failure(e, what))
+        self.with_entry("set", user, label, what, |entry| entry.set_secret(bytes))
     }
 
     /// Deletes entry `user`; `false` if it did not exist.
     pub fn delete(&self, user: &str, what: &str) -> Result<bool, ProviderError> {
-        let entry = self.entry(user, "", what)?;
-        let _timer = Timer::new("delete", user);
-        match entry.delete_credential() {
-            Ok(()) => Ok(true),
-            Err(KeyringError::NoEntry) => Ok(false),
-            Err(e) => Err(self.failure(e, what)),
-        }
+        self.with_entry("delete", user, "", what, |entry| {
+            match entry.delete_credential() {
+                Ok(()) => Ok(true),
+                Err(KeyringError::NoEntry) => Ok(false),
+                Err(e) => Err(e),
+            }
+        })
     }
 
     /// Checks, without prompting, that operations can proceed: on the Secret Service, that the

@@ -403,3 +403,77 @@ async fn two_processes_rotating_one_secret_never_lose_an_update() {
     a.stop_within(Duration::from_secs(5)).await;
     b.stop_within(Duration::from_secs(5)).await;
 }
+
+#[tokio::test]
+async fn a_collection_locked_while_serving_answers_locked_then_recovers_after_unlock() {
+    let tools = [TOOLS, &["dbus-send"][..]].concat();
+    if !common::require(&tools, "the lock-while-serving test") {
+        return;
+    }
+    let session = Session::unlocked("lock-me");
+    let service = common::fresh_service();
+    let served = common::serve(
+        &session.env,
+        &["--store", "secret-service", "--service", &service],
+    )
+    .await;
+    let c = &served.client;
+    common::store(c, "app/key", b"before the lock").await;
+
+    // The screen locker's way: Lock over D-Bus (no prompt needed to lock).
+    let login = "/org/freedesktop/secrets/collection/login";
+    let mut cmd = session.env.command("dbus-send");
+    cmd.args([
+        "--session",
+        "--print-reply",
+        "--dest=org.freedesktop.secrets",
+        "/org/freedesktop/secrets",
+        "org.freedesktop.Secret.Service.Lock",
+        &format!("array:objpath:{login}"),
+    ]);
+    let (code, _, stderr) = common::run(cmd, Duration::from_secs(10));
+    assert_eq!(code, Some(0), "dbus-send Lock: {stderr}");
+
+    let prompts = |log: String| log.matches("org.gnome.keyring.SystemPrompter").count();
+    let prompts_before = prompts(session.log());
+    let (report, took) = common::health(c).await;
+    assert_eq!(report.status, HealthStatus::Locked, "{report:?}");
+    assert!(took < Duration::from_secs(2), "Health took {took:?}");
+    let (outcome, took) = common::timed(c, common::resolve_op("app/key", None)).await;
+    common::expect_err(
+        outcome,
+        ErrorCode::Locked,
+        "resolve in the locked collection",
+    );
+    assert!(took < Duration::from_secs(2), "resolve took {took:?}");
+    let (outcome, _) = common::timed(c, common::rotate_op("app/key", b"x", None)).await;
+    common::expect_err(
+        outcome,
+        ErrorCode::Locked,
+        "rotate in the locked collection",
+    );
+    assert_eq!(prompts(session.log()), prompts_before, "{}", session.log());
+
+    // Unlock the way a headless session does: a daemon that replaces the running one and gets
+    // the password on stdin. The provider follows without a restart.
+    let mut cmd = session.env.command("sh");
+    cmd.args([
+        "-c",
+        "printf %s lock-me | gnome-keyring-daemon --components=secrets --replace --daemonize --unlock >/dev/null",
+    ]);
+    let (code, _, stderr) = common::run(cmd, Duration::from_secs(20));
+    assert_eq!(code, Some(0), "unlock: {stderr}");
+    let stop = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (report, _) = common::health(c).await;
+        if report.status == HealthStatus::Ok {
+            break;
+        }
+        assert!(Instant::now() < stop, "still {report:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    common::assert_resolves(c, "app/key", None, b"before the lock").await;
+    common::rotate(c, "app/key", b"after the unlock").await;
+    common::assert_resolves(c, "app/key", None, b"after the unlock").await;
+    served.stop_within(Duration::from_secs(5)).await;
+}
