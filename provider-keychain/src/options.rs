@@ -111,7 +111,7 @@ pub struct KeychainOptions {
           value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub backend_timeout_ms: u64,
     /// Directory of the advisory write-lock file shared by every provider process of this user
-    /// (created 0700). Default: $XDG_RUNTIME_DIR/keyhole, else /tmp/keyhole-<uid>.
+    /// (created 0700). Default: `$XDG_RUNTIME_DIR/keyhole`, else `/tmp/keyhole-<uid>`.
     #[arg(long, value_name = "DIR")]
     pub lock_dir: Option<PathBuf>,
 }
