@@ -94,8 +94,23 @@ fn serve(options: &KeychainOptions, serve: &ServeArgs) -> Result<(), String> {
         "serving {}",
         kind.describe()
     );
-    keyhole_providers::serve(provider, serve, ServeOptions::default())
+    keyhole_providers::serve(
+        provider,
+        serve,
+        ServeOptions {
+            max_in_flight: MAX_IN_FLIGHT,
+            ..ServeOptions::default()
+        },
+    )
 }
+
+/// Requests in flight per connection before further frames wait unread (the SDK's
+/// backpressure). Writes run one at a time and each costs at least one keychain write (tens of
+/// milliseconds on gnome-keyring, which rewrites its file on every change), so requests queued
+/// inside the provider only burn their deadlines, which start when a frame is read. With the cap,
+/// a burst of writes is read as it drains, and a Cancel or Goodbye behind it waits for one call
+/// to finish, not for the burst.
+const MAX_IN_FLIGHT: usize = 16;
 
 fn probe(options: &KeychainOptions) -> Result<ExitCode, String> {
     let kind = options.store_kind()?;
