@@ -22,11 +22,35 @@ impl Gateway {
     /// A gateway on its defaults with no D-Bus session bus, so it picks the file provider.
     fn start() -> Gateway {
         let home = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(KEYHOLE);
+        cmd.arg("serve").env_remove("DBUS_SESSION_BUS_ADDRESS");
+        Gateway::spawn(home, cmd)
+    }
+
+    /// A gateway on its defaults inside a private D-Bus session whose gnome-keyring-daemon
+    /// serves an unlocked Secret Service, as on a desktop.
+    fn start_in_keyring_session() -> Gateway {
+        let home = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new("dbus-run-session");
+        cmd.args([
+            "--",
+            "sh",
+            "-c",
+            "printf %s kh-test-login | gnome-keyring-daemon --components=secrets --daemonize \
+             --unlock >/dev/null 2>&1 || exit 1; exec \"$@\"",
+            "sh",
+            KEYHOLE,
+            "serve",
+        ]);
+        Gateway::spawn(home, cmd)
+    }
+
+    fn spawn(home: tempfile::TempDir, mut cmd: Command) -> Gateway {
+        use std::os::unix::process::CommandExt;
         let mut gw = Gateway {
-            child: Command::new(KEYHOLE)
-                .arg("serve")
+            child: cmd
                 .envs(env(home.path()))
-                .env_remove("DBUS_SESSION_BUS_ADDRESS")
+                .process_group(0) // stop() and drop end every process it started
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -73,10 +97,17 @@ impl Gateway {
 }
 
 impl Gateway {
-    /// Stops the gateway (SIGTERM) and returns what it wrote to stderr.
+    /// Stops the gateway and everything it started (SIGTERM, then SIGKILL after 10 s) and
+    /// returns what it wrote to stderr.
     fn stop(mut self) -> String {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        use nix::sys::signal::{Signal, killpg};
+        let group = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = killpg(group, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = killpg(group, Signal::SIGKILL);
         let mut err = String::new();
         let _ = std::io::Read::read_to_string(self.child.stderr.as_mut().unwrap(), &mut err);
         err
@@ -85,6 +116,8 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
+        let group = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -371,6 +404,62 @@ fn without_a_secret_service_the_defaults_pick_the_file_store_and_say_why() {
     let err = gw.stop();
     assert!(
         err.contains("default provider: file, because there is no D-Bus session bus"),
+        "{err}"
+    );
+}
+
+/// Whether the desktop keyring tools are here; on CI they must be (.ci/run installs them).
+fn have_keyring_tools() -> bool {
+    let have = |tool: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let ok = have("dbus-run-session") && have("gnome-keyring-daemon");
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI needs dbus-run-session and gnome-keyring-daemon: apt-get install dbus gnome-keyring"
+        );
+        eprintln!("SKIPPED: dbus-run-session or gnome-keyring-daemon is not installed");
+    }
+    ok
+}
+
+#[test]
+fn with_a_secret_service_the_defaults_pick_the_keychain_and_secrets_go_there() {
+    if !have_keyring_tools() {
+        return;
+    }
+    let gw = Gateway::start_in_keyring_session();
+    let value = b"kh-keychain-default-canary-5e0c1d";
+    let put = gw.keyhole(&["put", "app/token"], value);
+    assert!(put.status.success(), "{}", text(&put));
+    let handle = String::from_utf8_lossy(&put.stdout).trim().to_owned();
+    let out = gw.keyhole(&["providers"], b"");
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(listed.contains("keychain"), "{listed}");
+    let run = gw.keyhole(
+        &[
+            "run",
+            "--env",
+            &format!("TOKEN={handle}"),
+            "--",
+            "sh",
+            "-c",
+            "test \"$TOKEN\" = kh-keychain-default-canary-5e0c1d && echo same",
+        ],
+        b"",
+    );
+    assert!(run.status.success(), "{}", text(&run));
+    assert!(String::from_utf8_lossy(&run.stdout).contains("same"));
+    // The value went to the keyring (its files live under the private HOME), not to a file
+    // store: the gateway made none.
+    assert!(!gw.data_dir().join("file-store").exists());
+    let err = gw.stop();
+    assert!(
+        err.contains("default provider: keychain, because a Secret Service answered"),
         "{err}"
     );
 }
