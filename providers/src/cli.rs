@@ -111,15 +111,23 @@ pub fn serve<P: Provider>(
         .build()
         .map_err(|e| format!("could not start the runtime: {e}"))?;
     let provider = Arc::new(provider);
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         match mode {
             ServeMode::Connect { socket } => run_connect(provider, &socket, &options).await,
             ServeMode::Listen { socket, token_file } => {
                 run_listen(provider, &socket, &token_file, options).await
             }
         }
-    })
+    });
+    // Dropping a runtime waits for every blocking task, however long: a backend call stuck on
+    // a dead daemon or disk would keep the provider alive after its gateway left. Give in-flight
+    // work (an unanswered write finishing its atomic rename) a bounded moment, then exit.
+    runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    result
 }
+
+/// How long blocking work may run on after the serve loop ends.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 async fn run_connect<P: Provider>(
     provider: Arc<P>,
