@@ -7,10 +7,6 @@ use std::time::Duration;
 pub struct Samples(Vec<f64>);
 
 impl Samples {
-    pub fn from_nanos(ns: Vec<u64>) -> Samples {
-        Samples(ns.into_iter().map(|n| n as f64).collect())
-    }
-
     pub fn push(&mut self, d: Duration) {
         self.0.push(d.as_nanos() as f64);
     }
