@@ -4,6 +4,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+#[cfg(not(unix))]
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -133,7 +134,37 @@ pub fn peer_uid(stream: &Stream) -> io::Result<u32> {
         .ok_or_else(|| io::Error::other("the peer's user id is not available"))
 }
 
+/// Splits a connected stream into boxed read and write halves.
+///
+/// On Unix the socket is handed to tokio's own `UnixStream`, whose reads clear readiness after a
+/// short read; interprocess's wrapper reads until `EAGAIN`, one wasted syscall per frame on each
+/// side of every round trip. Dropping the write half shuts the write direction down, so the
+/// peer reads end-of-stream. If the hand-over fails (it re-registers the descriptor with the
+/// reactor), both halves fail their first operation with that error.
+#[cfg(unix)]
+pub fn into_halves(stream: Stream) -> (BoxRead, BoxWrite) {
+    let handed_over = std::os::fd::OwnedFd::try_from(match stream {
+        Stream::UdSocket(s) => s,
+    })
+    .and_then(|fd| {
+        let std = std::os::unix::net::UnixStream::from(fd);
+        std.set_nonblocking(true)?;
+        tokio::net::UnixStream::from_std(std)
+    });
+    match handed_over {
+        Ok(stream) => {
+            let (read, write) = stream.into_split();
+            (Box::new(read), Box::new(write))
+        }
+        Err(e) => {
+            let why = format!("cannot register the socket with the runtime: {e}");
+            (Box::new(Failed(why.clone())), Box::new(Failed(why)))
+        }
+    }
+}
+
 /// Splits a connected stream into boxed read and write halves that share it.
+#[cfg(not(unix))]
 pub fn into_halves(stream: Stream) -> (BoxRead, BoxWrite) {
     let shared = Arc::new(stream);
     (
@@ -142,9 +173,41 @@ pub fn into_halves(stream: Stream) -> (BoxRead, BoxWrite) {
     )
 }
 
+/// A half whose stream could not be set up: every operation fails with why.
+#[cfg(unix)]
+struct Failed(String);
+
+#[cfg(unix)]
+impl AsyncRead for Failed {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        _: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Poll::Ready(Err(io::Error::other(self.0.clone())))
+    }
+}
+
+#[cfg(unix)]
+impl AsyncWrite for Failed {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, _: &[u8]) -> Poll<io::Result<usize>> {
+        Poll::Ready(Err(io::Error::other(self.0.clone())))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Err(io::Error::other(self.0.clone())))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
 /// One half of a stream shared through `&Stream`, which implements both directions.
+#[cfg(not(unix))]
 struct Shared(Arc<Stream>);
 
+#[cfg(not(unix))]
 impl AsyncRead for Shared {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -155,6 +218,7 @@ impl AsyncRead for Shared {
     }
 }
 
+#[cfg(not(unix))]
 impl AsyncWrite for Shared {
     fn poll_write(
         self: Pin<&mut Self>,
