@@ -108,14 +108,40 @@ pub async fn listen(path: &Path) -> io::Result<Listener> {
             std::fs::remove_file(path)?;
         }
     }
-    let name = path.to_fs_name::<GenericFilePath>()?;
+    // On Unix the file appears at bind(), a moment before listen(): a peer that sees it then
+    // gets "connection refused". Bind under a temporary name and rename it into place once it
+    // listens, so the path exists only when it accepts (a sidecar's gateway can dial as soon as
+    // it sees the file).
+    #[cfg(unix)]
+    let (bound, publish) = {
+        let file = path.file_name().unwrap_or_default().to_string_lossy();
+        let tmp = path.with_file_name(format!(".{file}.{}.binding", std::process::id()));
+        // sun_path holds 108 bytes: a temporary name too long for it binds in place instead.
+        if tmp.as_os_str().len() < 100 {
+            let _ = std::fs::remove_file(&tmp);
+            (tmp, true)
+        } else {
+            (path.to_path_buf(), false)
+        }
+    };
+    #[cfg(not(unix))]
+    let (bound, publish) = (path.to_path_buf(), false);
+    let name = bound.as_path().to_fs_name::<GenericFilePath>()?;
     let options = ListenerOptions::new().name(name);
     #[cfg(unix)]
     let options = {
         use interprocess::os::unix::local_socket::ListenerOptionsExt;
         options.mode(0o600)
     };
-    options.create_tokio()
+    let listener = options.create_tokio()?;
+    if publish && let Err(e) = std::fs::rename(&bound, path) {
+        let _ = std::fs::remove_file(&bound);
+        return Err(io::Error::new(
+            e.kind(),
+            format!("cannot publish the socket at {}: {e}", path.display()),
+        ));
+    }
+    Ok(listener)
 }
 
 /// Connects to the listener at `path`.
@@ -250,6 +276,21 @@ mod tests {
         let dir_mode = std::fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777;
         let sock_mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!((dir_mode, sock_mode), (0o700, 0o600));
+    }
+
+    #[tokio::test]
+    async fn the_path_appears_only_once_it_accepts_and_nothing_is_left_beside_it() {
+        let dir = PrivateDir::new().unwrap();
+        let path = dir.path().join("p.sock");
+        let listener = listen(&path).await.unwrap();
+        // The first connect after listen() returns must succeed: no bind-before-listen window.
+        let _client = connect(&path).await.unwrap();
+        let _server = listener.accept().await.unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [std::ffi::OsString::from("p.sock")]);
     }
 
     #[tokio::test]
