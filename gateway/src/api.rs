@@ -72,7 +72,8 @@ pub enum ApiOp {
     },
     /// Mint a handle for a secret that already exists in a provider (a read-only one, such as
     /// the env provider, or one filled by other tools). Nothing is written; the provider must
-    /// describe the name as active. Policy treats it as `put`: both mint handles.
+    /// describe the name as active. Needs the `link` operation, and `resolve` in the scope of
+    /// every handle the secret already has (a new handle reaches the value).
     Link {
         /// The secret's name in the provider.
         name: String,

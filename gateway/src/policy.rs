@@ -31,8 +31,8 @@ pub const RESOLVE_NEEDS_PURPOSE: &str = "resolve requires a purpose (--purpose T
 pub enum PolicyError {
     /// Not one of the operation names (or `*` where a pattern is allowed).
     #[error(
-        "unknown operation {0:?} — use one of put, rotate, revoke, describe, list, resolve, \
-         providers, audit, or \"*\" for all"
+        "unknown operation {0:?} — use one of put, link, rotate, revoke, describe, list, \
+         resolve, providers, audit, or \"*\" for all"
     )]
     UnknownOperation(String),
     /// Not `allow` or `deny`.
@@ -56,6 +56,9 @@ pub enum PolicyError {
 pub enum Operation {
     /// Store a new secret and get a handle for it.
     Put,
+    /// Get a handle for a secret a provider already holds. Separate from `put` because it can
+    /// reach a value someone else stored: a rule must name it (or `*`) to allow it.
+    Link,
     /// Replace a secret's value with a new version.
     Rotate,
     /// Revoke a secret.
@@ -74,8 +77,9 @@ pub enum Operation {
 
 impl Operation {
     /// Every operation, in declaration order.
-    pub const ALL: [Operation; 8] = [
+    pub const ALL: [Operation; 9] = [
         Operation::Put,
+        Operation::Link,
         Operation::Rotate,
         Operation::Revoke,
         Operation::Describe,
@@ -89,6 +93,7 @@ impl Operation {
     pub fn name(self) -> &'static str {
         match self {
             Operation::Put => "put",
+            Operation::Link => "link",
             Operation::Rotate => "rotate",
             Operation::Revoke => "revoke",
             Operation::Describe => "describe",

@@ -274,8 +274,20 @@ impl Gateway {
                     handle: None,
                     scope: Some(scope.clone()),
                 });
-                self.decide(caller, Operation::Put, &scope, &labels, None)?;
+                self.decide(caller, Operation::Link, &scope, &labels, None)?;
                 let provider = provider.unwrap_or_else(|| self.default_provider.clone());
+                // A new handle reaches the value, so it must not open a secret to a caller who
+                // could not resolve it through the handles it already has.
+                let (p, n) = (provider.clone(), name.clone());
+                for existing in self.blocking(move |s| s.find(&p, &n)).await? {
+                    self.decide(
+                        caller,
+                        Operation::Resolve,
+                        &existing.scope,
+                        &existing.labels,
+                        Some("link"),
+                    )?;
+                }
                 let reply = self
                     .call(&provider, Op::Describe { name: name.clone() })
                     .await?;

@@ -24,6 +24,10 @@ use keyhole_protocol::{Encoding, ErrorCode, Op, Outcome, SecretBytes};
 const OWNER: u32 = 1000;
 
 fn gateway() -> Arc<Gateway> {
+    gateway_with(Policy::owner_only())
+}
+
+fn gateway_with(policy: Policy) -> Arc<Gateway> {
     let redactor = Redactor::new();
     let spec = ProviderSpec::spawn("memory", workspace_bin("keyhole-provider-memory"), vec![]);
     let (manager, _events) = Manager::new(vec![spec], redactor.clone());
@@ -33,7 +37,7 @@ fn gateway() -> Arc<Gateway> {
         state: Arc::new(StateStore::open_in_memory().unwrap()),
         journal: keyhole_gateway::journal::Journal::start(Arc::clone(&audit)).unwrap(),
         audit,
-        policy: Policy::owner_only(),
+        policy,
         redactor,
         default_provider: "memory".into(),
         call_timeout: Duration::from_secs(5),
@@ -295,4 +299,84 @@ async fn connect_mode_with_the_wrong_token_is_refused_clearly() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("Unauthenticated"), "{err}");
+}
+
+/// A rule from its parts as a config file would spell them.
+fn rule(
+    effect: &str,
+    callers: &[&str],
+    operations: &[&str],
+    scopes: &[&str],
+) -> keyhole_gateway::policy::Rule {
+    use keyhole_gateway::policy::Rule;
+    Rule::new(
+        effect.parse().unwrap(),
+        callers.iter().map(|c| c.parse().unwrap()).collect(),
+        operations.iter().map(|o| o.parse().unwrap()).collect(),
+        scopes.iter().map(|s| s.parse().unwrap()).collect(),
+        BTreeMap::new(),
+    )
+}
+
+#[tokio::test]
+async fn link_cannot_open_a_secret_the_caller_could_not_resolve() {
+    // uid 4242 may put and resolve in ci/*; linking needs its own operation.
+    let gw = gateway_with(Policy::new(vec![
+        rule("allow", &["owner"], &["*"], &["*"]),
+        rule("allow", &["uid:4242"], &["put", "resolve"], &["ci/*"]),
+    ]));
+    let stored = ApiOp::Put {
+        name: "prod/db".into(),
+        provider: None,
+        scope: Some("prod".into()),
+        labels: BTreeMap::new(),
+        value: SecretBytes::copy_from(b"kh-canary-link-policy-77"),
+    };
+    gw.handle(&OWNER_CALLER, stored).await.unwrap();
+    let link = |name: &str| ApiOp::Link {
+        name: name.into(),
+        provider: None,
+        scope: Some("ci/x".into()),
+        labels: BTreeMap::new(),
+    };
+    let denied = gw.handle(&STRANGER, link("prod/db")).await.unwrap_err();
+    assert_eq!(
+        denied.code,
+        ErrorCode::PermissionDenied,
+        "{}",
+        denied.message
+    );
+
+    // Even with link allowed in its own scope, a secret that already has a handle in a scope
+    // it may not resolve stays closed.
+    let gw2 = gateway_with(Policy::new(vec![
+        rule("allow", &["owner"], &["*"], &["*"]),
+        rule(
+            "allow",
+            &["uid:4242"],
+            &["put", "link", "resolve"],
+            &["ci/*"],
+        ),
+    ]));
+    let stored = ApiOp::Put {
+        name: "prod/db".into(),
+        provider: None,
+        scope: Some("prod".into()),
+        labels: BTreeMap::new(),
+        value: SecretBytes::copy_from(b"kh-canary-link-policy-78"),
+    };
+    gw2.handle(&OWNER_CALLER, stored).await.unwrap();
+    let denied = gw2.handle(&STRANGER, link("prod/db")).await.unwrap_err();
+    assert_eq!(
+        denied.code,
+        ErrorCode::PermissionDenied,
+        "{}",
+        denied.message
+    );
+    // The owner may link it (it may resolve everywhere).
+    let ApiReply::Put { handle, .. } = gw2.handle(&OWNER_CALLER, link("prod/db")).await.unwrap()
+    else {
+        panic!("link answered something else");
+    };
+    assert!(handle.starts_with("kh_"));
 }
