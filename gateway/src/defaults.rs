@@ -17,8 +17,13 @@ use crate::config::{
     Config, EMBEDDED_KEYCHAIN, EMBEDDED_PROVIDER, EMBEDDED_PROVIDER_COMMAND, ProviderConfig,
 };
 
-/// The longest the probe may take, start-up included.
+/// The longest the probe may take, start-up, Health and shutdown included.
 const PROBE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The file in the data directory that remembers the first choice, so that a later start
+/// where the Secret Service happens not to answer (the session bus not up yet) does not send
+/// new secrets to another store than the old ones.
+pub const CHOICE_FILE: &str = "default-provider";
 
 /// The choice, for the operator.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,13 +49,33 @@ impl std::fmt::Display for Choice {
 /// resolving), or `{file}`. Returns `None` when the configuration had already decided.
 pub async fn choose(config: &mut Config) -> Option<Choice> {
     let candidate = config.auto_default.take()?;
-    let probed = match candidate {
-        Err(why) => Err(why),
-        Ok(keychain) => probe(&keychain, config.handshake_timeout)
+    let remembered = config.data_dir.join(CHOICE_FILE);
+    let earlier = std::fs::read_to_string(&remembered).ok();
+    let probed = match (candidate, earlier.as_deref().map(str::trim)) {
+        (Ok(keychain), Some(EMBEDDED_KEYCHAIN)) => Ok((
+            keychain,
+            format!(
+                "it was chosen when this data directory was first used ({}; delete it to \
+                 choose again)",
+                remembered.display()
+            ),
+        )),
+        (Err(why), Some(EMBEDDED_KEYCHAIN)) => Err(format!(
+            "{why}, although {} says keychain: secrets stored in the keychain will not \
+             resolve until it is installed",
+            remembered.display()
+        )),
+        (_, Some(EMBEDDED_PROVIDER)) => Err(format!(
+            "it was chosen when this data directory was first used ({}; delete it to choose \
+             again)",
+            remembered.display()
+        )),
+        (Err(why), _) => Err(why),
+        (Ok(keychain), _) => probe(&keychain, config.handshake_timeout)
             .await
             .map(|reason| (keychain, reason)),
     };
-    Some(match probed {
+    let choice = match probed {
         Ok((keychain, reason)) => {
             let store_exists = config.data_dir.join("file-store/header.json").exists();
             if !store_exists {
@@ -72,7 +97,16 @@ pub async fn choose(config: &mut Config) -> Option<Choice> {
                 config.data_dir.join("file-store").display()
             ),
         },
-    })
+    };
+    if earlier.is_none()
+        && let Err(e) = std::fs::write(&remembered, format!("{}\n", choice.provider))
+    {
+        tracing::warn!(
+            "cannot remember the default provider in {}: {e}",
+            remembered.display()
+        );
+    }
+    Some(choice)
 }
 
 /// Starts the keychain provider and asks its health. `Ok` holds why it qualifies; `Err` why not.
@@ -88,16 +122,24 @@ async fn probe(keychain: &ProviderConfig, handshake_timeout: Duration) -> Result
                 .into(),
         );
     }
+    let deadline = tokio::time::Instant::now() + PROBE_DEADLINE;
+    let left = || {
+        deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_millis(1))
+    };
     let mut options = SpawnOptions::new(command, args.clone(), Encoding::Bincode);
     options.env = env.iter().map(|(k, v)| (k.into(), v.into())).collect();
-    options.handshake_timeout = handshake_timeout.min(PROBE_DEADLINE);
+    // Spawn and handshake get at most 60% of the budget, so Health always has some.
+    options.handshake_timeout = handshake_timeout.min(PROBE_DEADLINE * 3 / 5);
     let (mut process, conn) = spawn(&options)
         .await
         .map_err(|e| format!("{} did not start: {e}", command.display()))?;
     let (events, _ignored) = tokio::sync::mpsc::unbounded_channel();
     let client = Client::start(conn.reader, conn.writer, conn.ack, events);
-    let answer = client.call(Op::Health {}, PROBE_DEADLINE).await;
+    let answer = client.call(Op::Health {}, left()).await;
     drop(client);
+    // kill() waits for the process group to go; it is a SIGKILL, so this is brief.
     process.kill().await;
     match answer {
         Ok(Outcome::Ok(Reply::Health(report))) => match report.status {

@@ -14,14 +14,18 @@ const KEYHOLE: &str = env!("CARGO_BIN_EXE_keyhole");
 
 /// A gateway running on its defaults in a private home.
 struct Gateway {
-    home: tempfile::TempDir,
+    home: std::sync::Arc<tempfile::TempDir>,
     child: Child,
 }
 
 impl Gateway {
     /// A gateway on its defaults with no D-Bus session bus, so it picks the file provider.
     fn start() -> Gateway {
-        let home = tempfile::tempdir().unwrap();
+        Gateway::start_in(std::sync::Arc::new(tempfile::tempdir().unwrap()))
+    }
+
+    /// [`Gateway::start`] in a given home, which may already hold a data directory.
+    fn start_in(home: std::sync::Arc<tempfile::TempDir>) -> Gateway {
         let mut cmd = Command::new(KEYHOLE);
         cmd.arg("serve").env_remove("DBUS_SESSION_BUS_ADDRESS");
         Gateway::spawn(home, cmd)
@@ -30,7 +34,10 @@ impl Gateway {
     /// A gateway on its defaults inside a private D-Bus session whose gnome-keyring-daemon
     /// serves an unlocked Secret Service, as on a desktop.
     fn start_in_keyring_session() -> Gateway {
-        let home = tempfile::tempdir().unwrap();
+        Gateway::start_in_keyring_session_in(std::sync::Arc::new(tempfile::tempdir().unwrap()))
+    }
+
+    fn start_in_keyring_session_in(home: std::sync::Arc<tempfile::TempDir>) -> Gateway {
         let mut cmd = Command::new("dbus-run-session");
         cmd.args([
             "--",
@@ -45,8 +52,10 @@ impl Gateway {
         Gateway::spawn(home, cmd)
     }
 
-    fn spawn(home: tempfile::TempDir, mut cmd: Command) -> Gateway {
+    fn spawn(home: std::sync::Arc<tempfile::TempDir>, mut cmd: Command) -> Gateway {
         use std::os::unix::process::CommandExt;
+        // A gateway killed earlier in this home may have left its token: readiness is a new one.
+        let _ = std::fs::remove_file(home.path().join("run/keyhole/client.token"));
         let mut gw = Gateway {
             child: cmd
                 .envs(env(home.path()))
@@ -432,7 +441,8 @@ fn with_a_secret_service_the_defaults_pick_the_keychain_and_secrets_go_there() {
     if !have_keyring_tools() {
         return;
     }
-    let gw = Gateway::start_in_keyring_session();
+    let home = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let gw = Gateway::start_in_keyring_session_in(home.clone());
     let value = b"kh-keychain-default-canary-5e0c1d";
     let put = gw.keyhole(&["put", "app/token"], value);
     assert!(put.status.success(), "{}", text(&put));
@@ -460,6 +470,19 @@ fn with_a_secret_service_the_defaults_pick_the_keychain_and_secrets_go_there() {
     let err = gw.stop();
     assert!(
         err.contains("default provider: keychain, because a Secret Service answered"),
+        "{err}"
+    );
+
+    // Started again without a session bus (as when the gateway comes up before the desktop
+    // session), it keeps the first choice instead of sending new secrets to a file store.
+    let again = Gateway::start_in(home);
+    let out = again.keyhole(&["providers"], b"");
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(listed.contains("keychain"), "{}", text(&out));
+    assert!(!again.data_dir().join("file-store").exists());
+    let err = again.stop();
+    assert!(
+        err.contains("default provider: keychain, because it was chosen when this data directory"),
         "{err}"
     );
 }
