@@ -33,11 +33,7 @@ impl Gateway {
 
     /// A gateway on its defaults inside a private D-Bus session whose gnome-keyring-daemon
     /// serves an unlocked Secret Service, as on a desktop.
-    fn start_in_keyring_session() -> Gateway {
-        Gateway::start_in_keyring_session_in(std::sync::Arc::new(tempfile::tempdir().unwrap()))
-    }
-
-    fn start_in_keyring_session_in(home: std::sync::Arc<tempfile::TempDir>) -> Gateway {
+    fn start_in_keyring_session(home: std::sync::Arc<tempfile::TempDir>) -> Gateway {
         let mut cmd = Command::new("dbus-run-session");
         cmd.args([
             "--",
@@ -442,7 +438,7 @@ fn with_a_secret_service_the_defaults_pick_the_keychain_and_secrets_go_there() {
         return;
     }
     let home = std::sync::Arc::new(tempfile::tempdir().unwrap());
-    let gw = Gateway::start_in_keyring_session_in(home.clone());
+    let gw = Gateway::start_in_keyring_session(home.clone());
     let value = b"kh-keychain-default-canary-5e0c1d";
     let put = gw.keyhole(&["put", "app/token"], value);
     assert!(put.status.success(), "{}", text(&put));
