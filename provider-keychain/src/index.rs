@@ -116,6 +116,9 @@ impl NameIndex {
     }
 }
 
+/// The most index chunks a head may claim (far more names than any keychain holds).
+const MAX_CHUNKS: u32 = 65_536;
+
 /// Brings `copy` up to date: the head, then every chunk from the last one known.
 fn refresh(copy: &mut Copy, kc: &Keychain) -> Result<(), ProviderError> {
     let head = match kc.get(INDEX_HEAD, INDEX_WHAT)? {
@@ -125,6 +128,14 @@ fn refresh(copy: &mut Copy, kc: &Keychain) -> Result<(), ProviderError> {
             chunks: 0,
         },
     };
+    if head.chunks > MAX_CHUNKS {
+        // A damaged or foreign head: never start millions of keychain reads on its word.
+        return Err(ProviderError::internal(format!(
+            "the name index head claims {} chunks (at most {MAX_CHUNKS} are possible); it is \
+             damaged or was not written by keyhole",
+            head.chunks
+        )));
+    }
     if !copy.loaded || head.chunks < copy.chunks {
         // First use, or the index was reset outside keyhole: read everything.
         *copy = Copy::default();

@@ -104,7 +104,8 @@ pub fn resolve(
             None => current,
             Some(asked) => match parse_version(asked) {
                 Some(v) if pointer.keeps(v) => v,
-                Some(v) if v <= pointer.revoked_through => {
+                // Version numbers start at 1: "0" was never a version, revoked or not.
+                Some(v) if v > 0 && v <= pointer.revoked_through => {
                     return Err(ProviderError::new(
                         ErrorCode::Revoked,
                         format!("version {asked:?} of {name:?} was revoked"),
