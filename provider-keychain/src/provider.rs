@@ -73,11 +73,22 @@ impl KeychainProvider {
             ))),
             Err(_) => {
                 self.kc.reset();
+                // A write still runs on its thread and may yet commit: its effect is
+                // undetermined, which the protocol spells DeadlineExceeded, not Unavailable.
+                let write = matches!(what, "store" | "rotate" | "revoke");
+                let (code, effect) = if write {
+                    (
+                        ErrorCode::DeadlineExceeded,
+                        " (the write may still complete: Describe before retrying)",
+                    )
+                } else {
+                    (ErrorCode::Unavailable, "")
+                };
                 Err(ProviderError::new(
-                    ErrorCode::Unavailable,
+                    code,
                     format!(
-                        "{} did not answer {what} within {} ms: its daemon may hang or wait on a \
-                         prompt; check Health, restart the keyring daemon, or raise \
+                        "{} did not answer {what} within {} ms{effect}: its daemon may hang or \
+                         wait on a prompt; check Health, restart the keyring daemon, or raise \
                          --backend-timeout-ms",
                         self.kc.kind().describe(),
                         self.timeout.as_millis()
