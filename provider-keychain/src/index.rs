@@ -39,6 +39,32 @@ struct Copy {
     names: BTreeSet<String>,
 }
 
+/// How long a keychain thread waits for the index copy, which another thread holds across
+/// keychain calls. Longer than any sane backend deadline, but finite: behind a call stuck on a
+/// hung daemon, later threads give up instead of piling up for ever (their requests have been
+/// answered at their own deadlines already).
+const INDEX_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Locks `m`, waiting at most [`INDEX_WAIT`].
+fn guard_within<T>(m: &Mutex<T>) -> Result<MutexGuard<'_, T>, ProviderError> {
+    let deadline = std::time::Instant::now() + INDEX_WAIT;
+    loop {
+        match m.try_lock() {
+            Ok(g) => return Ok(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => return Ok(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return Err(ProviderError::new(
+                    keyhole_providers::protocol::ErrorCode::Unavailable,
+                    "the name index is held by a keychain call that has not returned",
+                ));
+            }
+        }
+    }
+}
+
 fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -84,7 +110,7 @@ impl NameIndex {
 
     /// Every indexed name, fresh from the keychain (only what may have changed is read).
     pub fn names(&self, kc: &Keychain) -> Result<BTreeSet<String>, ProviderError> {
-        let mut copy = guard(&self.copy);
+        let mut copy = guard_within(&self.copy)?;
         refresh(&mut copy, kc)?;
         Ok(copy.names.clone())
     }
@@ -92,7 +118,7 @@ impl NameIndex {
     /// Makes sure `name` is indexed, appending it together with every pending name the index
     /// lacks. Call under the write lock, before the name's pointer is first written.
     pub fn ensure(&self, kc: &Keychain, name: &str) -> Result<(), ProviderError> {
-        let mut copy = guard(&self.copy);
+        let mut copy = guard_within(&self.copy)?;
         // A name once seen stays indexed: no keychain call at all.
         if copy.loaded && copy.names.contains(name) {
             return Ok(());
