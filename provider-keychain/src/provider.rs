@@ -187,11 +187,18 @@ impl Provider for KeychainProvider {
         for name in names.by_ref() {
             let n = name.clone();
             // One call per pointer, each under the deadline: a long page is many short calls.
-            if let Some(d) = self
+            match self
                 .call("list", move |kc, _| ops::describe_listed(kc, &n))
-                .await?
+                .await
             {
-                entries.push(d);
+                Ok(Some(d)) => entries.push(d),
+                Ok(None) => {}
+                // One damaged entry must not hide every other name: leave it out, say so in
+                // the log (Describe or Resolve of it still answers the error).
+                Err(e) if e.code == ErrorCode::Internal => {
+                    tracing::warn!(name = %name, "left out of List: {}", e.message);
+                }
+                Err(e) => return Err(e),
             }
             last = Some(name);
             if entries.len() >= limit as usize {

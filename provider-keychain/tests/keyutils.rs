@@ -55,6 +55,23 @@ fn keyctl_read(service: &str, user: &str) -> Option<Vec<u8>> {
     (code == Some(0)).then_some(out)
 }
 
+/// Overwrites the payload of `service`'s entry `user` with `bytes` (a damaged entry).
+fn keyctl_damage(service: &str, user: &str, bytes: &str) -> bool {
+    let mut cmd = Command::new("keyctl");
+    cmd.args([
+        "session",
+        "-",
+        "sh",
+        "-c",
+        "keyctl get_persistent @s >/dev/null && id=$(keyctl search @s user \"$1\") && keyctl update \"$id\" \"$2\"",
+        "sh",
+        &format!("{service}:{user}"),
+        bytes,
+    ]);
+    let (code, _, _) = common::run(cmd, Duration::from_secs(10));
+    code == Some(0)
+}
+
 /// The value cap the provider should declare for this user.
 fn expected_cap() -> usize {
     let root = std::fs::read_to_string("/proc/self/status")
@@ -261,4 +278,42 @@ async fn processes_without_a_session_keyring_of_their_own_work_and_share_secrets
         Duration::from_secs(5),
     );
     assert_eq!(code, Some(0), "{}{stderr}", String::from_utf8_lossy(&out));
+}
+
+#[tokio::test]
+async fn a_damaged_entry_is_left_out_of_list_and_named_by_its_own_errors() {
+    if !common::require(&["keyctl"], "the keyutils damaged-entry test") {
+        return;
+    }
+    let env = TestEnv::new();
+    let service = common::fresh_service();
+    let _purge = Purge(service.clone());
+    let served = common::serve(&env, &["--store", "keyutils", "--service", &service]).await;
+    let c = &served.client;
+    for name in ["app/a", "app/b", "app/c"] {
+        common::store(c, name, b"kh-damage-test-value").await;
+    }
+    assert!(
+        keyctl_damage(&service, &common::pointer_user("app/b"), "not a pointer"),
+        "keyctl could not overwrite the pointer"
+    );
+    let listed = match common::call(
+        c,
+        Op::List {
+            prefix: "app/".into(),
+            page: None,
+            limit: 100,
+        },
+    )
+    .await
+    {
+        Outcome::Ok(Reply::Listed { entries, .. }) => {
+            entries.into_iter().map(|e| e.name).collect::<Vec<_>>()
+        }
+        other => panic!("list with one damaged entry: {other:?}"),
+    };
+    assert_eq!(listed, ["app/a", "app/c"]);
+    let (outcome, _) = common::timed(c, common::resolve_op("app/b", None)).await;
+    common::expect_err(outcome, ErrorCode::Internal, "resolve of the damaged entry");
+    served.stop_within(Duration::from_secs(5)).await;
 }
