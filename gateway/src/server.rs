@@ -208,6 +208,23 @@ impl Gateway {
         })
     }
 
+    /// Stores a new handle for a secret that now exists (Put, Link) and answers with it.
+    async fn mint(
+        &self,
+        new: NewHandle,
+        version: String,
+        trails: &mut [Trail],
+    ) -> Result<ApiReply, ApiError> {
+        let handle = self.blocking(move |s| s.insert(new)).await?;
+        if let Some(t) = trails.last_mut() {
+            t.handle = Some(handle.id.clone());
+        }
+        Ok(ApiReply::Put {
+            handle: handle.id,
+            version,
+        })
+    }
+
     async fn dispatch(
         self: &Arc<Self>,
         caller: &Caller,
@@ -254,14 +271,7 @@ impl Gateway {
                     scope,
                     labels,
                 };
-                let handle = self.blocking(move |s| s.insert(new)).await?;
-                if let Some(t) = trails.last_mut() {
-                    t.handle = Some(handle.id.clone());
-                }
-                Ok(ApiReply::Put {
-                    handle: handle.id,
-                    version,
-                })
+                self.mint(new, version, trails).await
             }
             ApiOp::Link {
                 name,
@@ -310,14 +320,7 @@ impl Gateway {
                     scope,
                     labels,
                 };
-                let handle = self.blocking(move |s| s.insert(new)).await?;
-                if let Some(t) = trails.last_mut() {
-                    t.handle = Some(handle.id.clone());
-                }
-                Ok(ApiReply::Put {
-                    handle: handle.id,
-                    version,
-                })
+                self.mint(new, version, trails).await
             }
             ApiOp::Rotate { handle, value } => {
                 let h = self.lookup(&handle).await?;
