@@ -37,8 +37,9 @@ impl KeychainProvider {
         }
     }
 
-    /// Runs `f` on a thread of its own; `Unavailable` if it takes longer than the backend
-    /// deadline. `f` gets a deadline for the write lock, a little before the caller gives up.
+    /// Runs `f` on a thread of its own; past the backend deadline a read answers `Unavailable`,
+    /// a write `DeadlineExceeded`. `f` gets a deadline for the write lock, a little before the
+    /// caller gives up.
     ///
     /// A detached thread rather than tokio's blocking pool: when the gateway goes away the SDK
     /// drops its runtime, and a runtime waits for its blocking tasks, so one call stuck in the
@@ -47,6 +48,7 @@ impl KeychainProvider {
     async fn call<T: Send + 'static>(
         &self,
         what: &'static str,
+        effect: Effect,
         f: impl FnOnce(&Keychain, Instant) -> Result<T, ProviderError> + Send + 'static,
     ) -> Result<T, ProviderError> {
         let kc = Arc::clone(&self.kc);
@@ -75,8 +77,7 @@ impl KeychainProvider {
                 self.kc.reset();
                 // A write still runs on its thread and may yet commit: its effect is
                 // undetermined, which the protocol spells DeadlineExceeded, not Unavailable.
-                let write = matches!(what, "store" | "rotate" | "revoke");
-                let (code, effect) = if write {
+                let (code, effect) = if effect == Effect::Write {
                     (
                         ErrorCode::DeadlineExceeded,
                         " (the write may still complete: Describe before retrying)",
@@ -97,6 +98,14 @@ impl KeychainProvider {
             }
         }
     }
+}
+
+/// Whether a keychain call can change the keychain: a write cut off by its deadline may still
+/// commit, so its answer must say the effect is undetermined.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Effect {
+    Read,
+    Write,
 }
 
 impl Provider for KeychainProvider {
@@ -121,7 +130,7 @@ impl Provider for KeychainProvider {
 
     async fn resolve(&self, name: &str, version: Option<&str>) -> Result<Resolved, ProviderError> {
         let (name, version) = (name.to_string(), version.map(str::to_string));
-        self.call("resolve", move |kc, _| {
+        self.call("resolve", Effect::Read, move |kc, _| {
             ops::resolve(kc, &name, version.as_deref())
         })
         .await
@@ -132,7 +141,7 @@ impl Provider for KeychainProvider {
         let _pending = self.kc.index().register(&request.name);
         let _queue = self.writes.lock().await;
         let keep = self.keep;
-        self.call("store", move |kc, deadline| {
+        self.call("store", Effect::Write, move |kc, deadline| {
             ops::store(kc, keep, deadline, request)
         })
         .await
@@ -147,7 +156,7 @@ impl Provider for KeychainProvider {
         let _queue = self.writes.lock().await;
         let (name, expected) = (name.to_string(), expected_version.map(str::to_string));
         let keep = self.keep;
-        self.call("rotate", move |kc, deadline| {
+        self.call("rotate", Effect::Write, move |kc, deadline| {
             ops::rotate(kc, keep, deadline, &name, &value, expected.as_deref())
         })
         .await
@@ -156,7 +165,7 @@ impl Provider for KeychainProvider {
     async fn revoke(&self, name: &str) -> Result<(), ProviderError> {
         let _queue = self.writes.lock().await;
         let name = name.to_string();
-        self.call("revoke", move |kc, deadline| {
+        self.call("revoke", Effect::Write, move |kc, deadline| {
             ops::revoke(kc, deadline, &name)
         })
         .await
@@ -164,8 +173,10 @@ impl Provider for KeychainProvider {
 
     async fn describe(&self, name: &str) -> Result<Description, ProviderError> {
         let name = name.to_string();
-        self.call("describe", move |kc, _| ops::describe(kc, &name))
-            .await
+        self.call("describe", Effect::Read, move |kc, _| {
+            ops::describe(kc, &name)
+        })
+        .await
     }
 
     async fn list(
@@ -177,7 +188,7 @@ impl Provider for KeychainProvider {
         let after = page.map(page_token::parse).transpose()?;
         let prefix = prefix.to_string();
         let names = self
-            .call("list", move |kc, _| {
+            .call("list", Effect::Read, move |kc, _| {
                 ops::list_names(kc, &prefix, after.as_deref())
             })
             .await?;
@@ -188,7 +199,9 @@ impl Provider for KeychainProvider {
             let n = name.clone();
             // One call per pointer, each under the deadline: a long page is many short calls.
             match self
-                .call("list", move |kc, _| ops::describe_listed(kc, &n))
+                .call("list", Effect::Read, move |kc, _| {
+                    ops::describe_listed(kc, &n)
+                })
                 .await
             {
                 Ok(Some(d)) => entries.push(d),
@@ -213,7 +226,10 @@ impl Provider for KeychainProvider {
     }
 
     async fn health(&self) -> HealthReport {
-        match self.call("health", |kc, _| Ok(kc.health())).await {
+        match self
+            .call("health", Effect::Read, |kc, _| Ok(kc.health()))
+            .await
+        {
             Ok(report) => report,
             Err(e) => HealthReport {
                 status: if e.code == ErrorCode::Locked {
