@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+mod file_store;
 mod grpc;
 mod stats;
 
@@ -46,6 +47,9 @@ struct Cli {
     /// Run only the interleaved floor comparison (for profiling the round trip).
     #[arg(long, conflicts_with = "only_e2e")]
     only_floor: bool,
+    /// Run only provider-file's resolve at 100 and at 100,000 records (interleaved, in process).
+    #[arg(long, conflicts_with_all = ["only_e2e", "only_floor"])]
+    only_file_store: bool,
     /// Internal: run the raw echo server on this socket.
     #[arg(long, hide = true)]
     echo_server: Option<PathBuf>,
@@ -109,6 +113,9 @@ fn main() {
                     rt.block_on(e2e_only(effort))
                 } else if cli.only_floor {
                     rt.block_on(floor_only(effort))
+                } else if cli.only_file_store {
+                    rt.block_on(file_store_rows(cli.smoke, &std::env::temp_dir()))
+                        .map(|rows| table(rows, cli.smoke))
                 } else {
                     rt.block_on(run(effort, cli.smoke))
                 }
@@ -954,6 +961,9 @@ async fn run(effort: Effort, smoke: bool) -> Result<String, String> {
     }
     let pkh_p50 = pkh_scheduler.unwrap_or(kb);
 
+    eprintln!("provider-file at 100 and 100,000 records...");
+    rows.extend(file_store_rows(smoke, dir.path()).await?);
+
     eprintln!("spawn per call...");
     let sp = spawn_per_call(effort)?;
     rows.push(row(
@@ -1016,26 +1026,93 @@ async fn run(effort: Effort, smoke: bool) -> Result<String, String> {
         Some(e.rss_idle_kib <= 20 * 1024 && e.rss_load_kib <= 64 * 1024),
     ));
 
+    let mut floors = vec![
+        row(
+            "floor: in-process call to the memory provider, 64 B",
+            format!(
+                "p50 {} · p99 {}",
+                stats::fmt(inproc.p50()),
+                stats::fmt(inproc.p99())
+            ),
+            "",
+            None,
+        ),
+        row(
+            "floor: raw Unix-socket ping-pong, 64 B",
+            format!(
+                "p50 {} · p99 {}",
+                stats::fmt(raw64.p50()),
+                stats::fmt(raw64.p99())
+            ),
+            "",
+            None,
+        ),
+        row(
+            "floor: raw Unix-socket ping-pong, 4 KiB",
+            format!(
+                "p50 {} · p99 {}",
+                stats::fmt(raw4k.p50()),
+                stats::fmt(raw4k.p99())
+            ),
+            "",
+            None,
+        ),
+    ];
+    floors.extend(rows);
+    Ok(table(floors, smoke))
+}
+
+/// provider-file's resolve at a small and a large store, alternating between the two, in process
+/// and over the protocol.
+async fn file_store_rows(smoke: bool, tmp: &Path) -> Result<Vec<Row>, String> {
+    let dir = tempfile::tempdir_in(tmp).map_err(|e| e.to_string())?;
+    let plan = if smoke {
+        &file_store::SMOKE
+    } else {
+        &file_store::FULL
+    };
+    let fixtures = file_store::fixtures(plan, dir.path())?;
+    let inproc = file_store::in_process(plan, &fixtures)?;
+    let socket =
+        file_store::over_socket(plan, &fixtures, &sibling("keyhole-provider-file")?).await?;
+    let row_of = |s: &file_store::Scaling, how: String| {
+        let ratio = s.large.p50() / s.small.p50();
+        row(
+            format!(
+                "provider-file resolve at {} vs {} records, {how}",
+                s.small_records, s.large_records
+            ),
+            format!(
+                "p50 {:.0} ns · {:.0} ns · {:.2}×",
+                s.small.p50(),
+                s.large.p50(),
+                ratio
+            ),
+            "≤ 1.2× (issue 3)",
+            Some(ratio <= 1.2),
+        )
+    };
+    Ok(vec![
+        row_of(
+            &socket,
+            "over the protocol (bincode, 1 in flight, one core, interleaved blocks)".into(),
+        ),
+        row_of(
+            &inproc,
+            format!(
+                "in process, the store alone (median of {} interleaved blocks)",
+                plan.rounds
+            ),
+        ),
+    ])
+}
+
+fn table(rows: Vec<Row>, smoke: bool) -> String {
     let mut table = String::new();
     if smoke {
         table.push_str("SMOKE RUN: a few iterations each; these numbers mean nothing.\n\n");
     }
     table.push_str("| figure | measured | goal | met |\n|---|---|---|---|\n");
-    table.push_str(&format!(
-        "| floor: in-process call to the memory provider, 64 B | p50 {} · p99 {} | | |\n",
-        stats::fmt(inproc.p50()),
-        stats::fmt(inproc.p99())
-    ));
-    table.push_str(&format!(
-        "| floor: raw Unix-socket ping-pong, 64 B | p50 {} · p99 {} | | |\n",
-        stats::fmt(raw64.p50()),
-        stats::fmt(raw64.p99())
-    ));
-    table.push_str(&format!(
-        "| floor: raw Unix-socket ping-pong, 4 KiB | p50 {} · p99 {} | | |\n",
-        stats::fmt(raw4k.p50()),
-        stats::fmt(raw4k.p99())
-    ));
     for r in rows {
         let met = match r.met {
             Some(true) => "yes",
@@ -1047,5 +1124,5 @@ async fn run(effort: Effort, smoke: bool) -> Result<String, String> {
             r.figure, r.measured, r.goal, met
         ));
     }
-    Ok(table)
+    table
 }
