@@ -20,6 +20,7 @@ use keyhole_protocol::{
     Request, Response, SUPPORTED_MAJORS, Token, WatchEvent, decode, negotiate, validate_name,
     validate_prefix,
 };
+use keyhole_transport::awake::StayAwake;
 use keyhole_transport::{BoxRead, BoxWrite, FrameReader, FrameWriter, ReadError};
 use tokio::sync::mpsc;
 
@@ -208,9 +209,14 @@ impl<'a, P: Provider> Session<'a, P> {
         let mut watches = SelectAll::new();
         let mut watch_handles: HashMap<u64, AbortHandle> = HashMap::new();
         let (major, encoding) = (self.major, self.encoding);
+        // After an answer goes out, the gateway's next request often follows within
+        // microseconds; staying awake for it saves waking this process from another core.
+        let mut awake = StayAwake::default();
+        let mut answered = false;
 
         let end = loop {
             let can_read = handles.len() < self.options.max_in_flight;
+            let due = answered && running.is_empty();
             tokio::select! {
                 biased;
                 Some(done) = running.next(), if !running.is_empty() => {
@@ -246,7 +252,7 @@ impl<'a, P: Provider> Session<'a, P> {
                         tracing::warn!("dropped a watch event that does not fit a frame: {e}");
                     }
                 }
-                incoming = next_request(&mut reader, major, encoding), if can_read => {
+                incoming = next_request(&mut reader, &mut awake, due, major, encoding), if can_read => {
                     match incoming {
                         Incoming::Closed => break ConnectionEnd::Closed,
                         Incoming::Fault(err) => {
@@ -317,8 +323,10 @@ impl<'a, P: Provider> Session<'a, P> {
             // once; when the in-flight cap stops reading, write now, or answers would wait.
             let more_now =
                 handles.len() < self.options.max_in_flight && reader.has_buffered_frame();
+            answered = false;
             if writer.has_pending() && !more_now {
                 writer.flush().await?;
+                answered = true;
             }
         };
         Ok(end)
@@ -534,11 +542,13 @@ fn respond(writer: &mut FrameWriter<BoxWrite>, id: u64, outcome: Outcome) {
 
 async fn next_request(
     reader: &mut FrameReader<BoxRead>,
+    awake: &mut StayAwake,
+    due: bool,
     major: u16,
     encoding: Encoding,
 ) -> Incoming {
     let fault = |code, message: String| Incoming::Fault(ProviderError::new(code, message));
-    match reader.next().await {
+    match awake.next(reader, due).await {
         Ok(None) => Incoming::Closed,
         Ok(Some(frame)) => {
             if frame.header.major != major || frame.header.encoding != encoding {

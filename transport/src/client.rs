@@ -18,6 +18,7 @@ use keyhole_protocol::{
 use tokio::sync::{mpsc, oneshot};
 use zeroize::Zeroizing;
 
+use crate::awake::StayAwake;
 use crate::framed::{FrameReader, FrameWriter, ReadError};
 use crate::{BoxRead, BoxWrite};
 
@@ -391,8 +392,12 @@ async fn route(
     shared: Arc<Shared>,
     events: mpsc::UnboundedSender<WatchEvent>,
 ) {
+    let mut awake = StayAwake::default();
     let why = loop {
-        let frame = match reader.next().await {
+        // Staying awake pays while exactly one call waits: a caller blocked on one answer, the
+        // latency-bound case. With more in flight, answers keep arriving anyway.
+        let lone = shared.lock_pending().len() == 1;
+        let frame = match awake.next(&mut reader, lone).await {
             Ok(Some(frame)) => frame,
             Ok(None) => break CallError::Closed("provider closed the connection".into()),
             Err(ReadError::Frame(e)) => break protocol_fault(&e),

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod awake;
 pub mod client;
 mod framed;
 pub mod socket;

@@ -1,0 +1,150 @@
+//! Staying awake for a frame that is about to arrive, instead of sleeping in the event loop.
+//!
+//! On these VMs a process that sleeps in `epoll_wait` and is woken from another core costs about
+//! 25 µs before it runs (the idle core must be woken), and two such wake-ups per round trip are
+//! most of a 50 µs Resolve. When an answer (or, for a provider, the next request) is expected
+//! within microseconds, the reader first polls for up to [`STAY_AWAKE`] without sleeping: each
+//! turn yields the OS thread (so a peer sharing this core runs at once) and the task (so the
+//! runtime checks its sockets without blocking and runs every other ready task), then looks
+//! again. It is what Go's scheduler does with its spinning threads, bounded and backed off.
+
+use std::task::Poll;
+use std::time::Duration;
+
+use tokio::io::AsyncRead;
+
+use crate::framed::{FrameReader, RawFrame, ReadError};
+
+/// How long a reader stays awake before it sleeps. A provider answers a cached resolve well
+/// within this; waking a sleeping core costs a good part of it.
+pub const STAY_AWAKE: Duration = Duration::from_micros(100);
+
+/// Longest run of waits skipped after misses.
+const MAX_BACKOFF: u32 = 64;
+
+/// When staying awake pays. It is tried whenever the caller says a frame is due; after each time
+/// the frame did not come in time, it is skipped for twice as many waits as before (up to 64),
+/// so a slow peer (a remote vault, a disk write, an idle gateway) costs at most one wasted
+/// [`STAY_AWAKE`] per 64 waits.
+#[derive(Debug, Default)]
+pub struct StayAwake {
+    skip: u32,
+    backoff: u32,
+}
+
+impl StayAwake {
+    /// The next frame from `reader`; if `due` (a frame is expected soon) and recent waits paid,
+    /// polls for it without sleeping for up to [`STAY_AWAKE`] first.
+    pub async fn next<'a, R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &'a mut FrameReader<R>,
+        due: bool,
+    ) -> Result<Option<RawFrame<'a>>, ReadError> {
+        if !due || !self.should_try() {
+            return reader.next().await;
+        }
+        let until = tokio::time::Instant::now() + STAY_AWAKE;
+        let mut next = std::pin::pin!(reader.next());
+        loop {
+            let polled = std::future::poll_fn(|cx| Poll::Ready(next.as_mut().poll(cx))).await;
+            if let Poll::Ready(result) = polled {
+                self.record(true);
+                return result;
+            }
+            if tokio::time::Instant::now() >= until {
+                self.record(false);
+                return next.await;
+            }
+            std::thread::yield_now();
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn should_try(&mut self) -> bool {
+        if self.skip > 0 {
+            self.skip -= 1;
+            return false;
+        }
+        true
+    }
+
+    fn record(&mut self, in_time: bool) {
+        if in_time {
+            self.backoff = 0;
+        } else {
+            self.backoff = (self.backoff * 2).clamp(1, MAX_BACKOFF);
+            self.skip = self.backoff;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keyhole_protocol::Encoding;
+
+    async fn pair() -> (
+        FrameReader<tokio::io::DuplexStream>,
+        crate::FrameWriter<tokio::io::DuplexStream>,
+    ) {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        (
+            FrameReader::new(a, 1 << 16),
+            crate::FrameWriter::new(b, 1, Encoding::Json, 1 << 16),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_frame_that_comes_in_time_is_a_hit_and_a_late_one_is_still_read() {
+        let (mut reader, mut writer) = pair().await;
+        let mut awake = StayAwake::default();
+        writer.queue(&"soon").expect("queue");
+        writer.flush().await.expect("flush");
+        let frame = awake
+            .next(&mut reader, true)
+            .await
+            .expect("read")
+            .expect("a frame");
+        assert_eq!(frame.payload, b"\"soon\"");
+        assert_eq!(awake.backoff, 0, "in time");
+
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            writer.queue(&"late").expect("queue");
+            writer.flush().await.expect("flush");
+            writer
+        });
+        let frame = tokio::time::timeout(Duration::from_secs(5), awake.next(&mut reader, true))
+            .await
+            .expect("within the deadline")
+            .expect("read")
+            .expect("a frame");
+        assert_eq!(
+            frame.payload, b"\"late\"",
+            "a frame after the window is not lost"
+        );
+        assert_eq!(awake.backoff, 1, "a miss backs off");
+        drop(late.await.expect("writer"));
+    }
+
+    #[test]
+    fn misses_back_off_exponentially_and_a_hit_resets() {
+        let mut a = StayAwake::default();
+        assert!(a.should_try());
+        a.record(false);
+        let skipped = |a: &mut StayAwake| (0..200).take_while(|_| !a.should_try()).count();
+        assert_eq!(skipped(&mut a), 1);
+        a.record(false);
+        assert_eq!(skipped(&mut a), 2);
+        a.record(false);
+        assert_eq!(skipped(&mut a), 4);
+        for _ in 0..10 {
+            a.record(false);
+            let _ = skipped(&mut a);
+        }
+        a.record(false);
+        assert_eq!(skipped(&mut a), MAX_BACKOFF as usize, "capped");
+        a.record(true);
+        assert!(a.should_try(), "a hit tries again at once");
+    }
+}
