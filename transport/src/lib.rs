@@ -9,7 +9,7 @@
 //! Everything here is generic over tokio's `AsyncRead`/`AsyncWrite`, so tests can run the same
 //! code over an in-memory duplex pipe.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // one audited exception: uds::register
 #![deny(missing_docs)]
 
 pub mod awake;
@@ -18,6 +18,8 @@ mod framed;
 pub mod socket;
 #[cfg(unix)]
 pub mod spawn;
+#[cfg(unix)]
+mod uds;
 
 pub use framed::{FrameReader, FrameWriter, RawFrame, ReadError};
 

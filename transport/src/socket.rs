@@ -162,26 +162,21 @@ pub fn peer_uid(stream: &Stream) -> io::Result<u32> {
 
 /// Splits a connected stream into boxed read and write halves.
 ///
-/// On Unix the socket is handed to tokio's own `UnixStream`, whose reads clear readiness after a
-/// short read; interprocess's wrapper reads until `EAGAIN`, one wasted syscall per frame on each
-/// side of every round trip. Dropping the write half shuts the write direction down, so the
-/// peer reads end-of-stream. If the hand-over fails (it re-registers the descriptor with the
-/// reactor), both halves fail their first operation with that error.
+/// On Unix the halves are [`crate::uds`]'s: the read half is registered with the reactor for
+/// readability alone and clears readiness after a short read (no `EAGAIN` read per frame); the
+/// write half writes directly and waits for write space only when the socket is full. So neither
+/// side's event loop wakes when the peer merely consumes what it sent. Dropping the write half
+/// shuts the write direction down, so the peer reads end-of-stream. If the hand-over fails (it
+/// registers the descriptor with the reactor), both halves fail their first operation with that
+/// error.
 #[cfg(unix)]
 pub fn into_halves(stream: Stream) -> (BoxRead, BoxWrite) {
     let handed_over = std::os::fd::OwnedFd::try_from(match stream {
         Stream::UdSocket(s) => s,
     })
-    .and_then(|fd| {
-        let std = std::os::unix::net::UnixStream::from(fd);
-        std.set_nonblocking(true)?;
-        tokio::net::UnixStream::from_std(std)
-    });
+    .and_then(|fd| crate::uds::split(std::os::unix::net::UnixStream::from(fd)));
     match handed_over {
-        Ok(stream) => {
-            let (read, write) = stream.into_split();
-            (Box::new(read), Box::new(write))
-        }
+        Ok((read, write)) => (Box::new(read), Box::new(write)),
         Err(e) => {
             let why = format!("cannot register the socket with the runtime: {e}");
             (Box::new(Failed(why.clone())), Box::new(Failed(why)))
