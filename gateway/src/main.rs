@@ -564,9 +564,14 @@ async fn serve_gateway(mut config: Config, redactor: Redactor) -> Result<ExitCod
     let (socket, token_path) = paths(&config);
     let token =
         keyhole_transport::generate_token().map_err(|e| format!("cannot make a token: {e}"))?;
-    write_private(&token_path, token.expose().as_bytes())?;
-    tracing::info!(socket = %socket.display(), "keyhole gateway listening; clients read the token from {}", token_path.display());
-    let result = serve(gateway, &socket, token, termination()).await;
+    let token_bytes = zeroize::Zeroizing::new(token.expose().as_bytes().to_vec());
+    let ready = || {
+        // Written only once the socket accepts: clients wait for this file.
+        write_private(&token_path, &token_bytes).map_err(std::io::Error::other)?;
+        tracing::info!(socket = %socket.display(), "keyhole gateway listening; clients read the token from {}", token_path.display());
+        Ok(())
+    };
+    let result = serve(gateway, &socket, token, ready, termination()).await;
     manager.shutdown(Duration::from_secs(2)).await;
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&token_path);

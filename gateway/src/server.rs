@@ -526,14 +526,18 @@ impl Gateway {
 }
 
 /// Accepts clients on `path` until `shutdown` resolves. Each connection: peer uid, token, then
-/// requests answered in order.
+/// requests answered in order. `ready` runs once the socket accepts connections and before the
+/// first is taken (the gateway writes its client token file there, so a client that waits for
+/// the token file never finds the socket missing).
 pub async fn serve(
     gateway: Arc<Gateway>,
     path: &Path,
     token: Token,
+    ready: impl FnOnce() -> std::io::Result<()>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     let listener = socket::listen(path).await?;
+    ready()?;
     let token = Arc::new(token);
     tokio::pin!(shutdown);
     loop {
