@@ -43,7 +43,9 @@ impl StayAwake {
         if !due || !self.should_try() {
             return reader.next().await;
         }
-        let until = tokio::time::Instant::now() + STAY_AWAKE;
+        // Real time, not tokio's clock: under a paused test clock this loop never lets the
+        // runtime idle, so tokio's time would never reach the bound.
+        let until = std::time::Instant::now() + STAY_AWAKE;
         let mut next = std::pin::pin!(reader.next());
         loop {
             let polled = std::future::poll_fn(|cx| Poll::Ready(next.as_mut().poll(cx))).await;
@@ -51,7 +53,7 @@ impl StayAwake {
                 self.record(true);
                 return result;
             }
-            if tokio::time::Instant::now() >= until {
+            if std::time::Instant::now() >= until {
                 self.record(false);
                 return next.await;
             }
@@ -124,6 +126,27 @@ mod tests {
             "a frame after the window is not lost"
         );
         assert_eq!(awake.backoff, 1, "a miss backs off");
+        drop(late.await.expect("writer"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn under_a_paused_test_clock_the_wait_still_ends_and_sleeps() {
+        // Staying awake keeps the runtime busy, so a paused clock cannot advance meanwhile; the
+        // bound is real time, so the reader still gives up, sleeps, and the clock moves on.
+        let (mut reader, mut writer) = pair().await;
+        let mut awake = StayAwake::default();
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            writer.queue(&"an hour later").expect("queue");
+            writer.flush().await.expect("flush");
+            writer
+        });
+        let frame = awake
+            .next(&mut reader, true)
+            .await
+            .expect("read")
+            .expect("a frame");
+        assert_eq!(frame.payload, b"\"an hour later\"");
         drop(late.await.expect("writer"));
     }
 
