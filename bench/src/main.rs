@@ -621,6 +621,70 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|n| n.parse().ok())
 }
 
+/// Nanoseconds a task has spent on a CPU (`/proc/.../schedstat`, first field): `pid`'s main
+/// thread, or this thread when `None`.
+fn cpu_ns(pid: Option<u32>) -> Option<u64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/schedstat"),
+        None => "/proc/thread-self/schedstat".to_string(),
+    };
+    std::fs::read_to_string(path)
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// What staying awake costs: CPU time per resolve, in the provider (its one runtime thread) and
+/// in this client thread, for calls back to back and for calls paced `gap` apart (where most
+/// waits end in sleep and the back-off decides how much polling is wasted).
+struct AwakeCost {
+    provider_ns: f64,
+    client_ns: f64,
+}
+
+async fn awake_cost(
+    memory: &Path,
+    calls: usize,
+    gap: Option<Duration>,
+) -> Result<AwakeCost, String> {
+    let running = start_provider(memory, &[], Encoding::Bincode).await?;
+    store(&running.client, 64).await?;
+    let pid = running.process.pid();
+    for _ in 0..100 {
+        running
+            .client
+            .call(resolve_op(), Duration::from_secs(10))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let (p0, c0) = (cpu_ns(pid), cpu_ns(None));
+    for _ in 0..calls {
+        running
+            .client
+            .call(resolve_op(), Duration::from_secs(10))
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(gap) = gap {
+            tokio::time::sleep(gap).await;
+        }
+    }
+    let (p1, c1) = (cpu_ns(pid), cpu_ns(None));
+    let _ = running
+        .client
+        .call(Op::Goodbye {}, Duration::from_secs(2))
+        .await;
+    let per = |a: Option<u64>, b: Option<u64>| match (a, b) {
+        (Some(a), Some(b)) => b.saturating_sub(a) as f64 / calls.max(1) as f64,
+        _ => f64::NAN,
+    };
+    Ok(AwakeCost {
+        provider_ns: per(p0, p1),
+        client_ns: per(c0, c1),
+    })
+}
+
 /// The gateway end to end: `keyhole serve` on its defaults (the file provider, SQLite, durable
 /// audit with group commit), clients resolving through its socket.
 struct E2e {
@@ -989,6 +1053,23 @@ async fn run(effort: Effort, smoke: bool) -> Result<String, String> {
         ),
         "≤ 10 ms p50",
         Some(sh.p50() <= 10e6),
+    ));
+
+    eprintln!("CPU per call while staying awake...");
+    let calls = (effort.latency / 10).max(10);
+    let busy = awake_cost(&memory, calls, None).await?;
+    let paced = awake_cost(&memory, calls / 4, Some(Duration::from_millis(1))).await?;
+    rows.push(row(
+        "CPU per resolve (memory, bincode, 64 B, 1 in flight; readers stay awake up to 100 µs)",
+        format!(
+            "back to back: provider {} · client {}; one call per ms: provider {} · client {}",
+            stats::fmt(busy.provider_ns),
+            stats::fmt(busy.client_ns),
+            stats::fmt(paced.provider_ns),
+            stats::fmt(paced.client_ns)
+        ),
+        "(diagnostic: the price of staying awake)",
+        None,
     ));
 
     eprintln!("gateway end to end...");
