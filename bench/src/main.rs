@@ -823,6 +823,16 @@ async fn floor_only(effort: Effort) -> Result<String, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let memory = sibling("keyhole-provider-memory")?;
     let mut out = String::new();
+    let calls = (effort.latency / 10).max(10);
+    let busy = awake_cost(&memory, calls, None).await?;
+    let paced = awake_cost(&memory, calls / 4, Some(Duration::from_millis(1))).await?;
+    out.push_str(&format!(
+        "CPU per resolve: back to back provider {} client {} · one per ms provider {} client {}\n",
+        stats::fmt(busy.provider_ns),
+        stats::fmt(busy.client_ns),
+        stats::fmt(paced.provider_ns),
+        stats::fmt(paced.client_ns)
+    ));
     for placement in placements() {
         let f = paired_floor(effort, dir.path(), &memory, placement).await?;
         out.push_str(&format!(
