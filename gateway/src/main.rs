@@ -565,16 +565,22 @@ async fn serve_gateway(mut config: Config, redactor: Redactor) -> Result<ExitCod
     let token =
         keyhole_transport::generate_token().map_err(|e| format!("cannot make a token: {e}"))?;
     let token_bytes = zeroize::Zeroizing::new(token.expose().as_bytes().to_vec());
+    let listening = std::cell::Cell::new(false);
     let ready = || {
         // Written only once the socket accepts: clients wait for this file.
         write_private(&token_path, &token_bytes).map_err(std::io::Error::other)?;
+        listening.set(true);
         tracing::info!(socket = %socket.display(), "keyhole gateway listening; clients read the token from {}", token_path.display());
         Ok(())
     };
     let result = serve(gateway, &socket, token, ready, termination()).await;
     manager.shutdown(Duration::from_secs(2)).await;
-    let _ = std::fs::remove_file(&socket);
-    let _ = std::fs::remove_file(&token_path);
+    // Only this gateway's own files: when another one is live on the socket, listen() failed
+    // and these belong to it.
+    if listening.get() {
+        let _ = std::fs::remove_file(&socket);
+        let _ = std::fs::remove_file(&token_path);
+    }
     result.map_err(|e| format!("cannot serve on {}: {e}", socket.display()))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -297,6 +297,33 @@ fn a_handle_that_does_not_exist_says_so() {
 }
 
 #[test]
+fn a_second_gateway_in_the_same_home_fails_and_leaves_the_first_reachable() {
+    let gw = Gateway::start();
+    let second = Command::new(KEYHOLE)
+        .arg("serve")
+        .env_remove("DBUS_SESSION_BUS_ADDRESS")
+        .envs(env(gw.home.path()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("already in use"), "{err}");
+    // Its exit must not take the first gateway's socket or token file with it.
+    let runtime = gw.runtime_dir();
+    assert!(runtime.join("keyhole.sock").exists(), "socket removed");
+    assert!(runtime.join("client.token").exists(), "token file removed");
+    let out = gw.keyhole(&["describe", "kh_aaaaaaaaaaaaaaaaaaaaaaaaaa"], b"");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("NotFound"),
+        "the first gateway still answers: {err}"
+    );
+}
+
+#[test]
 fn without_a_gateway_the_cli_says_what_to_do() {
     let home = tempfile::tempdir().unwrap();
     let out = Command::new(KEYHOLE)

@@ -212,7 +212,10 @@ impl<'a, P: Provider> Session<'a, P> {
         // After an answer goes out, the gateway's next request often follows within
         // microseconds; staying awake for it saves waking this process from another core.
         let mut awake = StayAwake::default();
+        // Whether the last flush carried an answer to an operation (a watch event or a
+        // CancelAck says nothing about when the next request comes), and whether one is queued.
         let mut answered = false;
+        let mut replied = false;
 
         let end = loop {
             let can_read = handles.len() < self.options.max_in_flight;
@@ -226,6 +229,7 @@ impl<'a, P: Provider> Session<'a, P> {
                         Done::Answer(id, outcome) => {
                             handles.remove(&id);
                             respond(&mut writer, id, outcome);
+                            replied = true;
                         }
                         Done::Watch(id, Ok(rx)) => {
                             handles.remove(&id);
@@ -234,10 +238,12 @@ impl<'a, P: Provider> Session<'a, P> {
                             watches.push(futures_util::stream::Abortable::new(stream, registration));
                             watch_handles.insert(id, handle);
                             respond(&mut writer, id, Outcome::Ok(Reply::Watching {}));
+                            replied = true;
                         }
                         Done::Watch(id, Err(e)) => {
                             handles.remove(&id);
                             respond(&mut writer, id, Outcome::Err(e));
+                            replied = true;
                         }
                     }
                 }
@@ -312,7 +318,10 @@ impl<'a, P: Provider> Session<'a, P> {
                                         running.push(Abortable::new(fut, registration));
                                         handles.insert(id, handle);
                                     }
-                                    Err(err) => respond(&mut writer, id, Outcome::Err(err)),
+                                    Err(err) => {
+                                        respond(&mut writer, id, Outcome::Err(err));
+                                        replied = true;
+                                    }
                                 },
                             }
                         }
@@ -326,7 +335,7 @@ impl<'a, P: Provider> Session<'a, P> {
             answered = false;
             if writer.has_pending() && !more_now {
                 writer.flush().await?;
-                answered = true;
+                answered = std::mem::take(&mut replied);
             }
         };
         Ok(end)

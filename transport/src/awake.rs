@@ -7,6 +7,11 @@
 //! turn yields the OS thread (so a peer sharing this core runs at once) and the task (so the
 //! runtime checks its sockets without blocking and runs every other ready task), then looks
 //! again. It is what Go's scheduler does with its spinning threads, bounded and backed off.
+//!
+//! Only on a current-thread runtime (the SDK's, and a client's such as `keyhole-bench`'s): on a
+//! multi-thread runtime a yielding worker polls the sockets only if no other worker is asleep in
+//! `epoll_wait` holding the driver, so the answer would still wake that worker's core while this
+//! one burned its time. There it waits the ordinary way.
 
 use std::task::Poll;
 use std::time::Duration;
@@ -26,10 +31,24 @@ const MAX_BACKOFF: u32 = 64;
 /// the frame did not come in time, it is skipped for twice as many waits as before (up to 64),
 /// so a slow peer (a remote vault, a disk write, an idle gateway) costs at most one wasted
 /// [`STAY_AWAKE`] per 64 waits.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct StayAwake {
+    enabled: bool,
     skip: u32,
     backoff: u32,
+}
+
+impl Default for StayAwake {
+    /// Enabled when created on a current-thread tokio runtime.
+    fn default() -> StayAwake {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        StayAwake {
+            enabled: Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::CurrentThread),
+            skip: 0,
+            backoff: 0,
+        }
+    }
 }
 
 impl StayAwake {
@@ -40,7 +59,7 @@ impl StayAwake {
         reader: &'a mut FrameReader<R>,
         due: bool,
     ) -> Result<Option<RawFrame<'a>>, ReadError> {
-        if !due || !self.should_try() {
+        if !self.enabled || !due || !self.should_try() {
             return reader.next().await;
         }
         // Real time, not tokio's clock: under a paused test clock this loop never lets the
@@ -94,6 +113,21 @@ mod tests {
             FrameReader::new(a, 1 << 16),
             crate::FrameWriter::new(b, 1, Encoding::Json, 1 << 16),
         )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_multi_thread_runtime_waits_the_ordinary_way() {
+        let (mut reader, mut writer) = pair().await;
+        let mut awake = StayAwake::default();
+        assert!(!awake.enabled);
+        writer.queue(&"x").expect("queue");
+        writer.flush().await.expect("flush");
+        let frame = awake
+            .next(&mut reader, true)
+            .await
+            .expect("read")
+            .expect("a frame");
+        assert_eq!(frame.payload, b"\"x\"");
     }
 
     #[tokio::test]
@@ -152,7 +186,7 @@ mod tests {
 
     #[test]
     fn misses_back_off_exponentially_and_a_hit_resets() {
-        let mut a = StayAwake::default();
+        let mut a = StayAwake::default(); // no runtime here: disabled, but the policy is the same
         assert!(a.should_try());
         a.record(false);
         let skipped = |a: &mut StayAwake| (0..200).take_while(|_| !a.should_try()).count();

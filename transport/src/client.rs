@@ -394,9 +394,12 @@ async fn route(
 ) {
     let mut awake = StayAwake::default();
     let why = loop {
-        // Staying awake pays while exactly one call waits: a caller blocked on one answer, the
-        // latency-bound case. With more in flight, answers keep arriving anyway.
-        let lone = shared.lock_pending().len() == 1;
+        // Staying awake pays while at most one call waits: a caller blocked on one answer (the
+        // latency-bound case), or none, right after an answer, when a caller making calls one
+        // after another is about to send its next (this wait began before that call
+        // registered, so it cannot wait for the count to reach one). With more in flight,
+        // answers keep arriving anyway. The back-off bounds the cost on an idle connection.
+        let lone = shared.lock_pending().len() <= 1;
         let frame = match awake.next(&mut reader, lone).await {
             Ok(Some(frame)) => frame,
             Ok(None) => break CallError::Closed("provider closed the connection".into()),

@@ -4,43 +4,54 @@
 //! On a Unix stream socket, every time the peer consumes bytes we sent, the kernel signals write
 //! space on our socket, so each round trip woke each side's event loop once more, for nothing:
 //! no task was waiting to write. Here the read half is registered for readability alone. The
-//! write half writes straight to the non-blocking socket, and only when the socket is full does
-//! it register (a duplicate of) the descriptor for writability, until that write is done.
+//! write half writes straight to the same non-blocking descriptor, and only when the socket is
+//! full does it register a duplicate of the descriptor for writability, until that write is done
+//! (the duplicate is then kept, unregistered, for the next time: one `dup` per connection at
+//! most).
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
 /// The read half: registered for readability only.
-pub(crate) struct ReadHalf(AsyncFd<UnixStream>);
+pub(crate) struct ReadHalf(Arc<AsyncFd<UnixStream>>);
 
 /// The write half: writes directly; waits for write space only when the socket is full.
 /// Dropping it shuts the write direction down, so the peer reads end-of-stream.
 pub(crate) struct WriteHalf {
-    stream: UnixStream,
+    io: Arc<AsyncFd<UnixStream>>,
     /// Registered for writability while a write waits for space.
     waiting: Option<AsyncFd<UnixStream>>,
+    /// The duplicate descriptor from the last wait, unregistered, for the next one.
+    spare: Option<UnixStream>,
     shut: bool,
 }
 
 /// Splits a connected, non-blocking socket. Must run inside a tokio runtime.
 pub(crate) fn split(stream: UnixStream) -> io::Result<(ReadHalf, WriteHalf)> {
     stream.set_nonblocking(true)?;
-    let writer = stream.try_clone()?;
-    let reader = register(stream, Interest::READABLE)?;
+    let io = Arc::new(register(stream, Interest::READABLE)?);
     Ok((
-        ReadHalf(reader),
+        ReadHalf(Arc::clone(&io)),
         WriteHalf {
-            stream: writer,
+            io,
             waiting: None,
+            spare: None,
             shut: false,
         },
     ))
+}
+
+impl WriteHalf {
+    fn socket(&self) -> &UnixStream {
+        self.io.get_ref()
+    }
 }
 
 /// Registers `stream` with the current runtime's reactor for `interest` alone.
@@ -92,17 +103,21 @@ impl AsyncWrite for WriteHalf {
                 match guard.try_io(|fd| fd.get_ref().write(data)) {
                     Ok(result) => {
                         drop(guard);
-                        self.waiting = None; // space again: stop hearing about it
+                        // Space again: stop hearing about it, and keep the duplicate.
+                        self.spare = self.waiting.take().map(AsyncFd::into_inner);
                         return Poll::Ready(result);
                     }
                     Err(_would_block) => continue,
                 }
             }
-            match (&self.stream).write(data) {
+            match self.socket().write(data) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Registering reports readiness at once if space freed up meanwhile, so no
                     // wake-up can be missed between the failed write and the registration.
-                    let dup = self.stream.try_clone()?;
+                    let dup = match self.spare.take() {
+                        Some(dup) => dup,
+                        None => self.socket().try_clone()?,
+                    };
                     self.waiting = Some(register(dup, Interest::WRITABLE)?);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -117,7 +132,7 @@ impl AsyncWrite for WriteHalf {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.shut = true;
-        Poll::Ready(match self.stream.shutdown(Shutdown::Write) {
+        Poll::Ready(match self.socket().shutdown(Shutdown::Write) {
             Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
             other => other,
         })
@@ -127,7 +142,7 @@ impl AsyncWrite for WriteHalf {
 impl Drop for WriteHalf {
     fn drop(&mut self) {
         if !self.shut {
-            let _ = self.stream.shutdown(Shutdown::Write);
+            let _ = self.socket().shutdown(Shutdown::Write);
         }
     }
 }
