@@ -8,6 +8,10 @@
 //! runtime checks its sockets without blocking and runs every other ready task), then looks
 //! again. It is what Go's scheduler does with its spinning threads, bounded and backed off.
 //!
+//! When a yield gives the CPU away (another task, most likely the peer, shares this core), it
+//! stops polling and sleeps, and counts the wait as a miss: on a shared core, sleeping wakes no
+//! other core and polling only takes time from the peer.
+//!
 //! Only on a current-thread runtime (the SDK's, and a client's such as `keyhole-bench`'s): on a
 //! multi-thread runtime a yielding worker polls the sockets only if no other worker is asleep in
 //! `epoll_wait` holding the driver, so the answer would still wake that worker's core while this
@@ -23,6 +27,9 @@ use crate::framed::{FrameReader, RawFrame, ReadError};
 /// How long a reader stays awake before it sleeps. A provider answers a cached resolve well
 /// within this; waking a sleeping core costs a good part of it.
 pub const STAY_AWAKE: Duration = Duration::from_micros(100);
+
+/// A `sched_yield` that returns later than this ran another task on this core meanwhile.
+const SHARED_CORE: Duration = Duration::from_micros(3);
 
 /// Longest run of waits skipped after misses.
 const MAX_BACKOFF: u32 = 64;
@@ -76,7 +83,14 @@ impl StayAwake {
                 self.record(false);
                 return next.await;
             }
+            // A yield that gave the CPU away for a while means another task shares this core,
+            // most likely the peer: then sleeping costs nothing, and polling only slows it down.
+            let yielded = std::time::Instant::now();
             std::thread::yield_now();
+            if yielded.elapsed() >= SHARED_CORE {
+                self.record(false);
+                return next.await;
+            }
             tokio::task::yield_now().await;
         }
     }
