@@ -120,16 +120,17 @@ pub fn fixtures(plan: &Plan, dir: &Path) -> Result<Fixtures, String> {
 pub fn in_process(plan: &Plan, f: &Fixtures) -> Result<Scaling, String> {
     let Fixtures(small, large) = f;
     let mut out = Scaling::new(small, large);
-    let (mut i, mut j) = (0usize, 0usize);
+    let mut sides = [(small, 0usize, &mut out.small), (large, 0, &mut out.large)];
     // Fill both record caches before measuring.
-    block(small, &mut i, small.records)?;
-    block(large, &mut j, large.records)?;
+    for (f, at, _) in sides.iter_mut() {
+        block(f, at, f.records)?;
+    }
     for _ in 0..plan.rounds {
-        // Each block warms its own store first, as a steady stream of resolves would.
-        block(small, &mut i, plan.block / 10)?;
-        out.small.push(block(small, &mut i, plan.block)?);
-        block(large, &mut j, plan.block / 10)?;
-        out.large.push(block(large, &mut j, plan.block)?);
+        for (f, at, samples) in sides.iter_mut() {
+            // Each block warms its own store first, as a steady stream of resolves would.
+            block(f, at, plan.block / 10)?;
+            samples.push(block(f, at, plan.block)?);
+        }
     }
     Ok(out)
 }
@@ -163,29 +164,19 @@ pub async fn over_socket(plan: &Plan, f: &Fixtures, program: &Path) -> Result<Sc
     )?;
     let mut out = Scaling::new(small, large);
     let calls = (plan.block / 10).max(1);
-    let (mut i, mut j) = (0usize, 0usize);
+    let mut sides = [
+        (&small_provider.client, small, 0usize, &mut out.small),
+        (&large_provider.client, large, 0, &mut out.large),
+    ];
     // Fill both providers' record caches, then alternate blocks.
-    resolve_block(&small_provider.client, small, &mut i, small.records, None).await?;
-    resolve_block(&large_provider.client, large, &mut j, large.records, None).await?;
+    for (client, f, at, _) in sides.iter_mut() {
+        resolve_block(client, f, at, f.records, None).await?;
+    }
     for _ in 0..plan.rounds {
-        resolve_block(&small_provider.client, small, &mut i, calls / 10, None).await?;
-        resolve_block(
-            &small_provider.client,
-            small,
-            &mut i,
-            calls,
-            Some(&mut out.small),
-        )
-        .await?;
-        resolve_block(&large_provider.client, large, &mut j, calls / 10, None).await?;
-        resolve_block(
-            &large_provider.client,
-            large,
-            &mut j,
-            calls,
-            Some(&mut out.large),
-        )
-        .await?;
+        for (client, f, at, samples) in sides.iter_mut() {
+            resolve_block(client, f, at, calls / 10, None).await?;
+            resolve_block(client, f, at, calls, Some(samples)).await?;
+        }
     }
     Ok(out)
 }

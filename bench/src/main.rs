@@ -685,6 +685,20 @@ async fn awake_cost(
     })
 }
 
+/// CPU per resolve back to back and paced one call per ms, described for the table.
+async fn awake_costs(memory: &Path, effort: Effort) -> Result<String, String> {
+    let calls = (effort.latency / 10).max(10);
+    let busy = awake_cost(memory, calls, None).await?;
+    let paced = awake_cost(memory, calls / 4, Some(Duration::from_millis(1))).await?;
+    Ok(format!(
+        "back to back: provider {} · client {}; one call per ms: provider {} · client {}",
+        stats::fmt(busy.provider_ns),
+        stats::fmt(busy.client_ns),
+        stats::fmt(paced.provider_ns),
+        stats::fmt(paced.client_ns)
+    ))
+}
+
 /// The gateway end to end: `keyhole serve` on its defaults (the file provider, SQLite, durable
 /// audit with group commit), clients resolving through its socket.
 struct E2e {
@@ -823,15 +837,9 @@ async fn floor_only(effort: Effort) -> Result<String, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let memory = sibling("keyhole-provider-memory")?;
     let mut out = String::new();
-    let calls = (effort.latency / 10).max(10);
-    let busy = awake_cost(&memory, calls, None).await?;
-    let paced = awake_cost(&memory, calls / 4, Some(Duration::from_millis(1))).await?;
     out.push_str(&format!(
-        "CPU per resolve: back to back provider {} client {} · one per ms provider {} client {}\n",
-        stats::fmt(busy.provider_ns),
-        stats::fmt(busy.client_ns),
-        stats::fmt(paced.provider_ns),
-        stats::fmt(paced.client_ns)
+        "CPU per resolve: {}\n",
+        awake_costs(&memory, effort).await?
     ));
     for placement in placements() {
         let f = paired_floor(effort, dir.path(), &memory, placement).await?;
@@ -939,9 +947,11 @@ async fn run(effort: Effort, smoke: bool) -> Result<String, String> {
                 let s = round_trip(&running.client, effort).await?;
                 keyhole_p50.insert((label, encoding, size), s.p50());
                 let floor = if size == 64 { &raw64 } else { &raw4k };
-                let mut measured =
-                    format!("p50 {} · p99 {}", stats::fmt(s.p50()), stats::fmt(s.p99()));
-                measured.push_str(&format!(" · {:.2}× the raw socket", s.p50() / floor.p50()));
+                let measured = format!(
+                    "{} · {:.2}× the raw socket",
+                    s.summary(),
+                    s.p50() / floor.p50()
+                );
                 // The 1.25x goal is decided by the interleaved row below, not by this one.
                 let (goal, met) = (String::new(), None);
                 rows.push(row(
@@ -1021,9 +1031,8 @@ async fn run(effort: Effort, smoke: bool) -> Result<String, String> {
         rows.push(row(
             format!("interleaved, {at}: tonic gRPC unary over UDS, 64 B, 1 in flight"),
             format!(
-                "p50 {} · p99 {} · keyhole is {:.2}× faster",
-                stats::fmt(g.p50()),
-                stats::fmt(g.p99()),
+                "{} · keyhole is {:.2}× faster",
+                g.summary(),
                 g.p50() / pkh.p50()
             ),
             "keyhole ≥ 2.5× faster",
@@ -1043,9 +1052,8 @@ async fn run(effort: Effort, smoke: bool) -> Result<String, String> {
     rows.push(row(
         "spawn-per-call helper (stdin → stdout), 64 B",
         format!(
-            "p50 {} · p99 {} · keyhole is {:.1}× faster",
-            stats::fmt(sp.p50()),
-            stats::fmt(sp.p99()),
+            "{} · keyhole is {:.1}× faster",
+            sp.summary(),
             sp.p50() / pkh_p50
         ),
         "keyhole ≥ 10× faster",
@@ -1056,28 +1064,15 @@ async fn run(effort: Effort, smoke: bool) -> Result<String, String> {
     let sh = spawn_handshake(&memory, effort).await?;
     rows.push(row(
         "provider spawn + handshake (memory)",
-        format!(
-            "p50 {} · p99 {}",
-            stats::fmt(sh.p50()),
-            stats::fmt(sh.p99())
-        ),
+        sh.summary(),
         "≤ 10 ms p50",
         Some(sh.p50() <= 10e6),
     ));
 
     eprintln!("CPU per call while staying awake...");
-    let calls = (effort.latency / 10).max(10);
-    let busy = awake_cost(&memory, calls, None).await?;
-    let paced = awake_cost(&memory, calls / 4, Some(Duration::from_millis(1))).await?;
     rows.push(row(
         "CPU per resolve (memory, bincode, 64 B, 1 in flight; readers stay awake up to 100 µs)",
-        format!(
-            "back to back: provider {} · client {}; one call per ms: provider {} · client {}",
-            stats::fmt(busy.provider_ns),
-            stats::fmt(busy.client_ns),
-            stats::fmt(paced.provider_ns),
-            stats::fmt(paced.client_ns)
-        ),
+        awake_costs(&memory, effort).await?,
         "(diagnostic: the price of staying awake)",
         None,
     ));
@@ -1086,23 +1081,13 @@ async fn run(effort: Effort, smoke: bool) -> Result<String, String> {
     let e = end_to_end(effort, &dir.path().join("home")).await?;
     rows.push(row(
         "end to end (client → gateway → file, policy, durable audit), 1 client",
-        format!(
-            "{:.0} resolves/s · p50 {} · p99 {}",
-            e.one_rate,
-            stats::fmt(e.one.p50()),
-            stats::fmt(e.one.p99())
-        ),
+        format!("{:.0} resolves/s · {}", e.one_rate, e.one.summary()),
         "p99 ≤ 1 ms",
         Some(e.one.p99() <= 1e6),
     ));
     rows.push(row(
         "end to end, 64 clients",
-        format!(
-            "{:.0} resolves/s · p50 {} · p99 {}",
-            e.many_rate,
-            stats::fmt(e.many.p50()),
-            stats::fmt(e.many.p99())
-        ),
+        format!("{:.0} resolves/s · {}", e.many_rate, e.many.summary()),
         "≥ 20k resolves/s",
         Some(e.many_rate >= 20_000.0),
     ));
@@ -1117,38 +1102,17 @@ async fn run(effort: Effort, smoke: bool) -> Result<String, String> {
         Some(e.rss_idle_kib <= 20 * 1024 && e.rss_load_kib <= 64 * 1024),
     ));
 
-    let mut floors = vec![
-        row(
+    let mut floors: Vec<Row> = [
+        (
             "floor: in-process call to the memory provider, 64 B",
-            format!(
-                "p50 {} · p99 {}",
-                stats::fmt(inproc.p50()),
-                stats::fmt(inproc.p99())
-            ),
-            "",
-            None,
+            &inproc,
         ),
-        row(
-            "floor: raw Unix-socket ping-pong, 64 B",
-            format!(
-                "p50 {} · p99 {}",
-                stats::fmt(raw64.p50()),
-                stats::fmt(raw64.p99())
-            ),
-            "",
-            None,
-        ),
-        row(
-            "floor: raw Unix-socket ping-pong, 4 KiB",
-            format!(
-                "p50 {} · p99 {}",
-                stats::fmt(raw4k.p50()),
-                stats::fmt(raw4k.p99())
-            ),
-            "",
-            None,
-        ),
-    ];
+        ("floor: raw Unix-socket ping-pong, 64 B", &raw64),
+        ("floor: raw Unix-socket ping-pong, 4 KiB", &raw4k),
+    ]
+    .into_iter()
+    .map(|(figure, s)| row(figure, s.summary(), "", None))
+    .collect();
     floors.extend(rows);
     Ok(table(floors, smoke))
 }

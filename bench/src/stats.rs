@@ -34,6 +34,11 @@ impl Samples {
     pub fn p99(&self) -> f64 {
         self.percentile(0.99)
     }
+
+    /// "p50 … · p99 …", for the table.
+    pub fn summary(&self) -> String {
+        format!("p50 {} · p99 {}", fmt(self.p50()), fmt(self.p99()))
+    }
 }
 
 /// Nanoseconds for humans.

@@ -129,13 +129,17 @@ mod tests {
         )
     }
 
+    async fn send(writer: &mut crate::FrameWriter<tokio::io::DuplexStream>, msg: &str) {
+        writer.queue(&msg).expect("queue");
+        writer.flush().await.expect("flush");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_multi_thread_runtime_waits_the_ordinary_way() {
         let (mut reader, mut writer) = pair().await;
         let mut awake = StayAwake::default();
         assert!(!awake.enabled);
-        writer.queue(&"x").expect("queue");
-        writer.flush().await.expect("flush");
+        send(&mut writer, "x").await;
         let frame = awake
             .next(&mut reader, true)
             .await
@@ -148,8 +152,7 @@ mod tests {
     async fn a_frame_that_comes_in_time_is_a_hit_and_a_late_one_is_still_read() {
         let (mut reader, mut writer) = pair().await;
         let mut awake = StayAwake::default();
-        writer.queue(&"soon").expect("queue");
-        writer.flush().await.expect("flush");
+        send(&mut writer, "soon").await;
         let frame = awake
             .next(&mut reader, true)
             .await
@@ -160,8 +163,7 @@ mod tests {
 
         let late = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            writer.queue(&"late").expect("queue");
-            writer.flush().await.expect("flush");
+            send(&mut writer, "late").await;
             writer
         });
         let frame = tokio::time::timeout(Duration::from_secs(5), awake.next(&mut reader, true))
@@ -185,8 +187,7 @@ mod tests {
         let mut awake = StayAwake::default();
         let late = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(3600)).await;
-            writer.queue(&"an hour later").expect("queue");
-            writer.flush().await.expect("flush");
+            send(&mut writer, "an hour later").await;
             writer
         });
         let frame = awake

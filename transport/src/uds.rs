@@ -30,7 +30,6 @@ pub(crate) struct WriteHalf {
     waiting: Option<AsyncFd<UnixStream>>,
     /// The duplicate descriptor from the last wait, unregistered, for the next one.
     spare: Option<UnixStream>,
-    shut: bool,
 }
 
 /// Splits a connected, non-blocking socket. Must run inside a tokio runtime.
@@ -43,7 +42,6 @@ pub(crate) fn split(stream: UnixStream) -> io::Result<(ReadHalf, WriteHalf)> {
             io,
             waiting: None,
             spare: None,
-            shut: false,
         },
     ))
 }
@@ -130,8 +128,7 @@ impl AsyncWrite for WriteHalf {
         Poll::Ready(Ok(())) // nothing is buffered here
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.shut = true;
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(match self.socket().shutdown(Shutdown::Write) {
             Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
             other => other,
@@ -141,9 +138,8 @@ impl AsyncWrite for WriteHalf {
 
 impl Drop for WriteHalf {
     fn drop(&mut self) {
-        if !self.shut {
-            let _ = self.socket().shutdown(Shutdown::Write);
-        }
+        // Again after an explicit shutdown is harmless: the direction is already shut.
+        let _ = self.socket().shutdown(Shutdown::Write);
     }
 }
 
