@@ -28,6 +28,7 @@ use keyhole_gateway::client::GatewayClient;
 use keyhole_protocol::{Encoding, Op, Outcome, Reply, SecretBytes};
 use keyhole_provider_memory::{MemoryOptions, MemoryProvider};
 use keyhole_providers::Provider;
+use keyhole_transport::awake::STAY_AWAKE_ENV;
 use keyhole_transport::client::Client;
 use keyhole_transport::spawn::{SpawnOptions, Spawned, spawn};
 use stats::Samples;
@@ -502,9 +503,11 @@ async fn start_provider(
     args: &[OsString],
     encoding: Encoding,
 ) -> Result<Running, String> {
-    let (process, conn) = spawn(&SpawnOptions::new(program, args.to_vec(), encoding))
-        .await
-        .map_err(|e| e.to_string())?;
+    start(&SpawnOptions::new(program, args.to_vec(), encoding)).await
+}
+
+async fn start(options: &SpawnOptions) -> Result<Running, String> {
+    let (process, conn) = spawn(options).await.map_err(|e| e.to_string())?;
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
     Ok(Running {
         client: Arc::new(Client::start(conn.reader, conn.writer, conn.ack, tx)),
@@ -648,8 +651,15 @@ async fn awake_cost(
     memory: &Path,
     calls: usize,
     gap: Option<Duration>,
+    stay_awake: bool,
 ) -> Result<AwakeCost, String> {
-    let running = start_provider(memory, &[], Encoding::Bincode).await?;
+    let mut options = SpawnOptions::new(memory, Vec::<OsString>::new(), Encoding::Bincode);
+    if !stay_awake {
+        options
+            .env
+            .push((OsString::from(STAY_AWAKE_ENV), OsString::from("off")));
+    }
+    let running = start(&options).await?;
     store(&running.client, 64).await?;
     let pid = running.process.pid();
     for _ in 0..100 {
@@ -688,14 +698,18 @@ async fn awake_cost(
 /// CPU per resolve back to back and paced one call per ms, described for the table.
 async fn awake_costs(memory: &Path, effort: Effort) -> Result<String, String> {
     let calls = (effort.latency / 10).max(10);
-    let busy = awake_cost(memory, calls, None).await?;
-    let paced = awake_cost(memory, calls / 4, Some(Duration::from_millis(1))).await?;
+    let gap = Some(Duration::from_millis(1));
+    let busy = awake_cost(memory, calls, None, true).await?;
+    let paced = awake_cost(memory, calls / 4, gap, true).await?;
+    let asleep = awake_cost(memory, calls / 4, gap, false).await?;
     Ok(format!(
-        "back to back: provider {} · client {}; one call per ms: provider {} · client {}",
+        "back to back: provider {} · client {}; one call per ms: provider {} · client {}; \
+         one call per ms, provider started with {STAY_AWAKE_ENV}=off: provider {}",
         stats::fmt(busy.provider_ns),
         stats::fmt(busy.client_ns),
         stats::fmt(paced.provider_ns),
-        stats::fmt(paced.client_ns)
+        stats::fmt(paced.client_ns),
+        stats::fmt(asleep.provider_ns)
     ))
 }
 

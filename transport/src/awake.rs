@@ -24,6 +24,21 @@ use tokio::io::AsyncRead;
 
 use crate::framed::{FrameReader, RawFrame, ReadError};
 
+/// The environment variable that turns staying awake off in a process: `off`, `0`, `false` or
+/// `no` (any case). Then every wait sleeps in the event loop, which costs a cross-core wake-up
+/// per frame but no polling: for laptops on battery, or hosts whose every core is busy. The
+/// gateway passes its environment on to the providers it spawns.
+pub const STAY_AWAKE_ENV: &str = "KEYHOLE_STAY_AWAKE";
+
+/// Whether `value` (of [`STAY_AWAKE_ENV`]) turns staying awake off.
+fn switched_off(value: Option<&str>) -> bool {
+    value.is_some_and(|v| {
+        ["off", "0", "false", "no"]
+            .iter()
+            .any(|off| v.trim().eq_ignore_ascii_case(off))
+    })
+}
+
 /// How long a reader stays awake before it sleeps. A provider answers a cached resolve well
 /// within this; waking a sleeping core costs a good part of it.
 pub const STAY_AWAKE: Duration = Duration::from_micros(100);
@@ -46,12 +61,14 @@ pub struct StayAwake {
 }
 
 impl Default for StayAwake {
-    /// Enabled when created on a current-thread tokio runtime.
+    /// Enabled when created on a current-thread tokio runtime, unless [`STAY_AWAKE_ENV`] turns
+    /// it off.
     fn default() -> StayAwake {
         use tokio::runtime::{Handle, RuntimeFlavor};
         StayAwake {
             enabled: Handle::try_current()
-                .is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::CurrentThread),
+                .is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::CurrentThread)
+                && !switched_off(std::env::var(STAY_AWAKE_ENV).ok().as_deref()),
             skip: 0,
             backoff: 0,
         }
@@ -116,6 +133,16 @@ impl StayAwake {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_switch_reads_off_words_in_any_case_and_nothing_else() {
+        for off in ["off", "OFF", " 0 ", "false", "No"] {
+            assert!(switched_off(Some(off)), "{off:?}");
+        }
+        for on in [None, Some(""), Some("on"), Some("1"), Some("offline")] {
+            assert!(!switched_off(on), "{on:?}");
+        }
+    }
     use keyhole_protocol::Encoding;
 
     async fn pair() -> (
