@@ -700,16 +700,18 @@ async fn awake_costs(memory: &Path, effort: Effort) -> Result<String, String> {
     let calls = (effort.latency / 10).max(10);
     let gap = Some(Duration::from_millis(1));
     let busy = awake_cost(memory, calls, None, true).await?;
+    let busy_off = awake_cost(memory, calls, None, false).await?;
     let paced = awake_cost(memory, calls / 4, gap, true).await?;
-    let asleep = awake_cost(memory, calls / 4, gap, false).await?;
+    let paced_off = awake_cost(memory, calls / 4, gap, false).await?;
     Ok(format!(
-        "back to back: provider {} · client {}; one call per ms: provider {} · client {}; \
-         one call per ms, provider started with {STAY_AWAKE_ENV}=off: provider {}",
+        "provider, back to back: {} · with {STAY_AWAKE_ENV}=off {}; provider, one call per ms: \
+         {} · off {}; client (staying awake): back to back {} · one call per ms {}",
         stats::fmt(busy.provider_ns),
-        stats::fmt(busy.client_ns),
+        stats::fmt(busy_off.provider_ns),
         stats::fmt(paced.provider_ns),
+        stats::fmt(paced_off.provider_ns),
+        stats::fmt(busy.client_ns),
         stats::fmt(paced.client_ns),
-        stats::fmt(asleep.provider_ns)
     ))
 }
 
