@@ -356,14 +356,17 @@ async fn paired_floor(
     let mut conn = UnixStream::connect(&path).map_err(|e| e.to_string())?;
     let running = start_provider(memory, &[], Encoding::Bincode).await?;
     store(&running.client, 64).await?;
+    let running_json = start_provider(memory, &[], Encoding::Json).await?;
+    store(&running_json.client, 64).await?;
     let servers = [
         Some(_tokio_server.0.id()),
         Some(_grpc_server.0.id()),
         Some(_server.0.id()),
         running.process.pid(),
+        running_json.process.pid(),
     ];
     let _unpin = placement.apply(servers.into_iter().flatten())?;
-    let (mut raw, mut kh) = (Samples::default(), Samples::default());
+    let (mut raw, mut kh, mut json) = (Samples::default(), Samples::default(), Samples::default());
     let rounds = 20;
     let block = (effort.latency / rounds).max(1);
     let (out, mut back) = (vec![7u8; 64], vec![0u8; 64]);
@@ -377,20 +380,8 @@ async fn paired_floor(
                 raw.push(t.elapsed());
             }
         }
-        for _ in 0..block {
-            let t = Instant::now();
-            match running
-                .client
-                .call(resolve_op(), Duration::from_secs(10))
-                .await
-            {
-                Ok(Outcome::Ok(Reply::Resolved { .. })) => {}
-                other => return Err(format!("resolve failed: {other:?}")),
-            }
-            if keep {
-                kh.push(t.elapsed());
-            }
-        }
+        resolve_block(&running.client, block, keep.then_some(&mut kh)).await?;
+        resolve_block(&running_json.client, block, keep.then_some(&mut json)).await?;
         for _ in 0..block {
             let t = Instant::now();
             tokio_conn
@@ -416,16 +407,35 @@ async fn paired_floor(
             }
         }
     }
-    let _ = running
-        .client
-        .call(Op::Goodbye {}, Duration::from_secs(2))
-        .await;
+    for r in [&running, &running_json] {
+        let _ = r.client.call(Op::Goodbye {}, Duration::from_secs(2)).await;
+    }
     Ok(Floors {
         raw,
         event_loop,
         keyhole: kh,
+        json,
         grpc,
     })
+}
+
+/// `block` resolves of the 64-byte value, one at a time, timed into `into` if given.
+async fn resolve_block(
+    client: &Client,
+    block: usize,
+    mut into: Option<&mut Samples>,
+) -> Result<(), String> {
+    for _ in 0..block {
+        let t = Instant::now();
+        match client.call(resolve_op(), Duration::from_secs(10)).await {
+            Ok(Outcome::Ok(Reply::Resolved { .. })) => {}
+            other => return Err(format!("resolve failed: {other:?}")),
+        }
+        if let Some(samples) = into.as_deref_mut() {
+            samples.push(t.elapsed());
+        }
+    }
+    Ok(())
 }
 
 /// Where [`paired_floor`] runs its processes.
@@ -488,6 +498,8 @@ struct Floors {
     raw: Samples,
     event_loop: Samples,
     keyhole: Samples,
+    /// The same resolve from a second provider that speaks JSON.
+    json: Samples,
     /// A tonic unary call over UDS, the same 64-byte value.
     grpc: Samples,
 }
@@ -869,6 +881,7 @@ async fn floor_only(effort: Effort) -> Result<String, String> {
         let f = paired_floor(effort, dir.path(), &memory, placement).await?;
         out.push_str(&format!(
             "{}:\n  keyhole p50 {} p99 {} · raw p50 {} p99 {} · {:.2}×\n  \
+             JSON p50 {} p99 {} · {:.2}× bincode\n  \
              tokio ping-pong p50 {} p99 {} · keyhole is {:.2}× it\n  \
              tonic gRPC p50 {} p99 {} · keyhole is {:.2}× faster\n",
             placement.label(),
@@ -877,6 +890,9 @@ async fn floor_only(effort: Effort) -> Result<String, String> {
             stats::fmt(f.raw.p50()),
             stats::fmt(f.raw.p99()),
             f.keyhole.p50() / f.raw.p50(),
+            stats::fmt(f.json.p50()),
+            stats::fmt(f.json.p99()),
+            f.json.p50() / f.keyhole.p50(),
             stats::fmt(f.event_loop.p50()),
             stats::fmt(f.event_loop.p99()),
             f.keyhole.p50() / f.event_loop.p50(),
@@ -957,8 +973,7 @@ async fn run(effort: Effort, smoke: bool) -> Result<String, String> {
     ];
 
     let mut rows = Vec::new();
-    let mut keyhole_p50 = std::collections::HashMap::new();
-    let mut memory_rate = 0.0;
+    let mut kb = f64::NAN; // memory, bincode, 64 B
     for (label, program, args) in [
         ("memory", &memory, Vec::new()),
         ("file", &file, file_args.clone()),
@@ -969,7 +984,9 @@ async fn run(effort: Effort, smoke: bool) -> Result<String, String> {
                 let running = start_provider(program, &args, encoding).await?;
                 store(&running.client, size).await?;
                 let s = round_trip(&running.client, effort).await?;
-                keyhole_p50.insert((label, encoding, size), s.p50());
+                if (label, encoding, size) == ("memory", Encoding::Bincode, 64) {
+                    kb = s.p50();
+                }
                 let floor = if size == 64 { &raw64 } else { &raw4k };
                 let measured = format!(
                     "{} · {:.2}× the raw socket",
@@ -986,9 +1003,6 @@ async fn run(effort: Effort, smoke: bool) -> Result<String, String> {
                 ));
                 if size == 64 {
                     let rate = throughput(&running.client, 64, effort.throughput).await?;
-                    if label == "memory" && encoding == Encoding::Bincode {
-                        memory_rate = rate;
-                    }
                     let (goal, met) = if label == "memory" && encoding == Encoding::Bincode {
                         ("≥ 100k resolves/s".to_string(), Some(rate >= 100_000.0))
                     } else {
@@ -1003,15 +1017,6 @@ async fn run(effort: Effort, smoke: bool) -> Result<String, String> {
             }
         }
     }
-    let _ = memory_rate;
-    let kb = keyhole_p50[&("memory", Encoding::Bincode, 64)];
-    let kj = keyhole_p50[&("memory", Encoding::Json, 64)];
-    rows.push(row(
-        "JSON vs bincode, memory, 64 B, p50",
-        format!("{:.2}×", kj / kb),
-        "≤ 1.5×",
-        Some(kj <= 1.5 * kb),
-    ));
 
     // The interleaved comparisons, once per placement. The scheduler's placement comes first
     // and its keyhole figure is the one the spawn-per-call ratio uses.
@@ -1050,6 +1055,18 @@ async fn run(effort: Effort, smoke: bool) -> Result<String, String> {
             ),
             "(diagnostic: the event loop's share)",
             None,
+        ));
+        let json = f.json.p50();
+        rows.push(row(
+            format!("interleaved, {at}: keyhole resolve over JSON vs bincode (memory, 64 B)"),
+            format!(
+                "JSON p50 {} · bincode p50 {} · {:.2}×",
+                stats::fmt(json),
+                stats::fmt(pkh.p50()),
+                json / pkh.p50()
+            ),
+            "≤ 1.5×",
+            Some(json <= 1.5 * pkh.p50()),
         ));
         let g = &f.grpc;
         rows.push(row(
