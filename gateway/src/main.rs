@@ -492,6 +492,21 @@ async fn pump(mut from: impl tokio::io::AsyncRead + Unpin, mut to: impl Write, r
 async fn serve_gateway(mut config: Config, redactor: Redactor) -> Result<ExitCode, String> {
     create_private_dir(&config.data_dir)?;
     create_private_dir(&config.runtime_dir)?;
+    let (socket, token_path) = paths(&config);
+    // A live gateway keeps its socket and token, and this one stops before starting anything.
+    // A dead one's token goes now: left until this gateway writes its own, a client could read
+    // it in the moment after the new socket appears and fail to authenticate.
+    if keyhole_transport::socket::connect(&socket).await.is_ok() {
+        return Err(format!(
+            "cannot serve on {}: it is already in use by a live gateway",
+            socket.display()
+        ));
+    }
+    match std::fs::remove_file(&token_path) {
+        Ok(()) => tracing::info!("removed a stopped gateway's token file"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot remove {}: {e}", token_path.display())),
+    }
     if let Some(choice) = keyhole_gateway::defaults::choose(&mut config).await {
         tracing::info!(provider = %choice.provider, "{choice}");
         eprintln!("keyhole: {choice}");
@@ -561,7 +576,6 @@ async fn serve_gateway(mut config: Config, redactor: Redactor) -> Result<ExitCod
         call_timeout: config.call_timeout,
         owner_uid,
     });
-    let (socket, token_path) = paths(&config);
     let token =
         keyhole_transport::generate_token().map_err(|e| format!("cannot make a token: {e}"))?;
     let token_bytes = zeroize::Zeroizing::new(token.expose().as_bytes().to_vec());

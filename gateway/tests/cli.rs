@@ -324,6 +324,62 @@ fn a_second_gateway_in_the_same_home_fails_and_leaves_the_first_reachable() {
 }
 
 #[test]
+fn a_stopped_gateways_token_is_gone_before_a_new_gateway_listens() {
+    // A stopped gateway's leftovers, and a new gateway whose one provider takes two seconds to
+    // fail its handshake, so there is time to look before the new socket appears.
+    let home = tempfile::tempdir().unwrap();
+    let runtime = home.path().join("run/keyhole");
+    std::fs::create_dir_all(&runtime).unwrap();
+    std::fs::set_permissions(
+        &runtime,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let (socket, token) = (runtime.join("keyhole.sock"), runtime.join("client.token"));
+    std::fs::write(&token, "kh-stale-token").unwrap();
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap()); // a socket nobody serves
+    let config = home.path().join("keyhole.toml");
+    std::fs::write(
+        &config,
+        "default_provider = \"slow\"\n\
+         [providers.slow]\nkind = \"spawn\"\ncommand = \"/bin/sh\"\nargs = [\"-c\", \"sleep 5\"]\n",
+    )
+    .unwrap();
+    let mut gateway = Command::new(KEYHOLE)
+        .arg("serve")
+        .envs(env(home.path()))
+        .env("KEYHOLE_CONFIG", &config)
+        .env("KEYHOLE_HANDSHAKE_TIMEOUT_MS", "2000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while token.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let gone_early = !token.exists();
+    let listening = std::os::unix::net::UnixStream::connect(&socket).is_ok();
+    // Then the gateway listens (the provider is retried later) and writes a new token.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !token.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let fresh = std::fs::read_to_string(&token).unwrap_or_default();
+    let _ = gateway.kill();
+    let _ = gateway.wait();
+    assert!(gone_early, "the stale token outlived the start");
+    assert!(
+        !listening,
+        "the new socket was up before the provider's handshake ended"
+    );
+    assert!(
+        !fresh.is_empty() && fresh != "kh-stale-token",
+        "no fresh token: {fresh:?}"
+    );
+}
+
+#[test]
 fn without_a_gateway_the_cli_says_what_to_do() {
     let home = tempfile::tempdir().unwrap();
     let out = Command::new(KEYHOLE)
