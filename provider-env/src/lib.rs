@@ -16,6 +16,7 @@
 
 pub mod dir;
 pub mod mapping;
+mod watcher;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
@@ -33,6 +34,7 @@ use tokio::sync::mpsc;
 
 use crate::dir::{DirSource, ReadError};
 use crate::mapping::EnvSecret;
+use crate::watcher::Watcher;
 
 /// The largest value served, in bytes: a Resolve answer of this size fits a 1 MiB frame in JSON
 /// (PROTOCOL.md section 4.4). Larger files and variables are refused with `TooLarge`.
@@ -122,7 +124,7 @@ struct Inner {
     env: BTreeMap<String, EnvSecret>,
     dirs: Vec<DirSource>,
     poll: Duration,
-    watchers: Mutex<Vec<(String, mpsc::Sender<WatchChange>)>>,
+    watchers: Mutex<Vec<Arc<Watcher>>>,
     /// Whether the poller runs. Held across the baseline scan, so no watch starts between a
     /// baseline and its poller.
     poller: tokio::sync::Mutex<bool>,
@@ -393,22 +395,11 @@ impl Inner {
         }
     }
 
-    /// Sends `changes` to the watchers whose prefix they match; forgets closed watchers.
+    /// Queues `changes` for the watchers whose prefix they match; forgets ended watches.
     fn notify(&self, changes: &[WatchChange]) {
-        lock(&self.watchers).retain(|(prefix, tx)| {
-            for change in changes
-                .iter()
-                .filter(|c| c.name.starts_with(prefix.as_str()))
-            {
-                match tx.try_send(change.clone()) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        tracing::warn!("a watcher is not keeping up; dropped a change event");
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => return false,
-                }
-            }
-            !tx.is_closed()
+        lock(&self.watchers).retain(|w| {
+            w.offer(changes);
+            !w.is_gone()
         });
     }
 }
@@ -630,7 +621,7 @@ impl Provider for EnvProvider {
     }
 
     async fn watch(&self, prefix: &str) -> Result<mpsc::Receiver<WatchChange>, ProviderError> {
-        let (tx, rx) = mpsc::channel(1024);
+        let (watcher, rx) = Watcher::start(prefix);
         let mut running = self.inner.poller.lock().await;
         if !*running {
             // The baseline is taken before the watch is answered: a change made after the
@@ -639,7 +630,7 @@ impl Provider for EnvProvider {
             tokio::spawn(poll(Arc::clone(&self.inner), baseline, last_good));
             *running = true;
         }
-        lock(&self.inner.watchers).push((prefix.to_string(), tx));
+        lock(&self.inner.watchers).push(watcher);
         Ok(rx)
     }
 }
