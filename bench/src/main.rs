@@ -674,20 +674,10 @@ async fn awake_cost(
     let running = start(&options).await?;
     store(&running.client, 64).await?;
     let pid = running.process.pid();
-    for _ in 0..100 {
-        running
-            .client
-            .call(resolve_op(), Duration::from_secs(10))
-            .await
-            .map_err(|e| e.to_string())?;
-    }
+    resolve_block(&running.client, 100, None).await?; // warm-up
     let (p0, c0) = (cpu_ns(pid), cpu_ns(None));
     for _ in 0..calls {
-        running
-            .client
-            .call(resolve_op(), Duration::from_secs(10))
-            .await
-            .map_err(|e| e.to_string())?;
+        resolve_block(&running.client, 1, None).await?;
         if let Some(gap) = gap {
             tokio::time::sleep(gap).await;
         }

@@ -354,17 +354,10 @@ fn a_stopped_gateways_token_is_gone_before_a_new_gateway_listens() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(1);
-    while token.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let gone_early = !token.exists();
+    let gone_early = wait_until(Duration::from_secs(1), || !token.exists());
     let listening = std::os::unix::net::UnixStream::connect(&socket).is_ok();
     // Then the gateway listens (the provider is retried later) and writes a new token.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !token.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(Duration::from_secs(20), || token.exists());
     let fresh = std::fs::read_to_string(&token).unwrap_or_default();
     let _ = gateway.kill();
     let _ = gateway.wait();
@@ -390,6 +383,18 @@ fn without_a_gateway_the_cli_says_what_to_do() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("keyhole serve"), "{err}");
+}
+
+/// Polls `done` every 10 ms for up to `within`; whether it came true.
+fn wait_until(within: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while !done() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
 }
 
 /// Pids of processes whose command line mentions `needle`.

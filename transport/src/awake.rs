@@ -161,18 +161,26 @@ mod tests {
         writer.flush().await.expect("flush");
     }
 
+    /// The payload of the next frame, read with a frame due.
+    async fn due(
+        awake: &mut StayAwake,
+        reader: &mut FrameReader<tokio::io::DuplexStream>,
+    ) -> Vec<u8> {
+        let frame = awake
+            .next(reader, true)
+            .await
+            .expect("read")
+            .expect("a frame");
+        frame.payload.to_vec()
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_multi_thread_runtime_waits_the_ordinary_way() {
         let (mut reader, mut writer) = pair().await;
         let mut awake = StayAwake::default();
         assert!(!awake.enabled);
         send(&mut writer, "x").await;
-        let frame = awake
-            .next(&mut reader, true)
-            .await
-            .expect("read")
-            .expect("a frame");
-        assert_eq!(frame.payload, b"\"x\"");
+        assert_eq!(due(&mut awake, &mut reader).await, b"\"x\"");
     }
 
     #[tokio::test]
@@ -180,12 +188,7 @@ mod tests {
         let (mut reader, mut writer) = pair().await;
         let mut awake = StayAwake::default();
         send(&mut writer, "soon").await;
-        let frame = awake
-            .next(&mut reader, true)
-            .await
-            .expect("read")
-            .expect("a frame");
-        assert_eq!(frame.payload, b"\"soon\"");
+        assert_eq!(due(&mut awake, &mut reader).await, b"\"soon\"");
         assert_eq!(awake.backoff, 0, "in time");
 
         let late = tokio::spawn(async move {
@@ -193,15 +196,10 @@ mod tests {
             send(&mut writer, "late").await;
             writer
         });
-        let frame = tokio::time::timeout(Duration::from_secs(5), awake.next(&mut reader, true))
+        let payload = tokio::time::timeout(Duration::from_secs(5), due(&mut awake, &mut reader))
             .await
-            .expect("within the deadline")
-            .expect("read")
-            .expect("a frame");
-        assert_eq!(
-            frame.payload, b"\"late\"",
-            "a frame after the window is not lost"
-        );
+            .expect("within the deadline");
+        assert_eq!(payload, b"\"late\"", "a frame after the window is not lost");
         assert_eq!(awake.backoff, 1, "a miss backs off");
         drop(late.await.expect("writer"));
     }
@@ -217,12 +215,7 @@ mod tests {
             send(&mut writer, "an hour later").await;
             writer
         });
-        let frame = awake
-            .next(&mut reader, true)
-            .await
-            .expect("read")
-            .expect("a frame");
-        assert_eq!(frame.payload, b"\"an hour later\"");
+        assert_eq!(due(&mut awake, &mut reader).await, b"\"an hour later\"");
         drop(late.await.expect("writer"));
     }
 
