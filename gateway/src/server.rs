@@ -93,6 +93,7 @@ impl Gateway {
             ApiOp::Resolve { purpose, .. } => Some(purpose.clone()),
             _ => None,
         };
+        let ticket = self.journal.ticket();
         let mut trails = Vec::new();
         let result = self.dispatch(caller, op, &mut trails).await;
         let outcome = match &result {
@@ -118,8 +119,8 @@ impl Gateway {
                 time_ms: now_ms(),
             })
             .collect();
-        // Group commit: durable before the answer, one fsync shared by concurrent requests.
-        match self.journal.append(entries).await {
+        // Durable before the answer; concurrent requests share one fsync (group commit).
+        match ticket.append(entries).await {
             Ok(()) => result,
             // No record, no answer: a request the log cannot record is refused.
             Err(e) => Err(err(
