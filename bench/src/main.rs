@@ -636,6 +636,36 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|n| n.parse().ok())
 }
 
+/// The machine's CPU time so far, from `/proc/stat`: (stolen by the hypervisor, total), in ticks.
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    // user nice system idle iowait irq softirq steal: guest time is counted in user already.
+    let steal = *fields.get(7)?;
+    Some((steal, fields.iter().take(8).sum()))
+}
+
+/// The share of the machine's CPU time the hypervisor gave to others since `before` (from
+/// [`cpu_ticks`]): on a shared VM, what slowed every wake-up in a run down.
+fn steal_since(before: Option<(u64, u64)>) -> Option<f64> {
+    let ((s0, t0), (s1, t1)) = (before?, cpu_ticks()?);
+    (t1 > t0).then(|| (s1 - s0) as f64 / (t1 - t0) as f64)
+}
+
+fn fmt_steal(steal: Option<f64>) -> String {
+    steal.map_or_else(
+        || "host steal unknown".to_string(),
+        |s| format!("host steal {:.0}%", s * 100.0),
+    )
+}
+
 /// Nanoseconds a task has spent on a CPU (`/proc/.../schedstat`, first field): `pid`'s main
 /// thread, or this thread when `None`.
 fn cpu_ns(pid: Option<u32>) -> Option<u64> {
@@ -722,6 +752,9 @@ async fn awake_costs(memory: &Path, effort: Effort) -> Result<String, String> {
 struct E2e {
     one: Samples,
     one_rate: f64,
+    /// The hypervisor's share of the machine during the 1-client run, where known.
+    one_steal: Option<f64>,
+    many_steal: Option<f64>,
     many_rate: f64,
     many: Samples,
     rss_idle_kib: u64,
@@ -782,6 +815,7 @@ async fn end_to_end(effort: Effort, home: &Path) -> Result<E2e, String> {
     }
     let mut one = Samples::default();
     let n = effort.e2e / 2;
+    let ticks = cpu_ticks();
     let started = Instant::now();
     for _ in 0..n {
         let t = Instant::now();
@@ -792,10 +826,12 @@ async fn end_to_end(effort: Effort, home: &Path) -> Result<E2e, String> {
         one.push(t.elapsed());
     }
     let one_rate = n as f64 / started.elapsed().as_secs_f64();
+    let one_steal = steal_since(ticks);
 
     let clients = 64;
     let per_client = (effort.e2e / clients).max(1);
     let mut tasks = tokio::task::JoinSet::new();
+    let ticks = cpu_ticks();
     let started = Instant::now();
     for _ in 0..clients {
         let (socket, token, handle) = (socket.clone(), token.clone(), handle.clone());
@@ -836,6 +872,8 @@ async fn end_to_end(effort: Effort, home: &Path) -> Result<E2e, String> {
     Ok(E2e {
         one,
         one_rate,
+        one_steal,
+        many_steal: steal_since(ticks),
         many_rate,
         many,
         rss_idle_kib,
@@ -847,13 +885,16 @@ async fn e2e_only(effort: Effort) -> Result<String, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let e = end_to_end(effort, &dir.path().join("home")).await?;
     Ok(format!(
-        "1 client: {:.0}/s p50 {} p99 {}\n64 clients: {:.0}/s p50 {} p99 {}\nRSS idle {} KiB, load {} KiB\n",
+        "1 client: {:.0}/s p50 {} p99 {} · {}\n64 clients: {:.0}/s p50 {} p99 {} · {}\n\
+         RSS idle {} KiB, load {} KiB\n",
         e.one_rate,
         stats::fmt(e.one.p50()),
         stats::fmt(e.one.p99()),
+        fmt_steal(e.one_steal),
         e.many_rate,
         stats::fmt(e.many.p50()),
         stats::fmt(e.many.p99()),
+        fmt_steal(e.many_steal),
         e.rss_idle_kib,
         e.rss_load_kib
     ))
@@ -932,6 +973,7 @@ fn row(
 }
 
 async fn run(effort: Effort, smoke: bool) -> Result<String, String> {
+    let ticks = cpu_ticks();
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let memory = sibling("keyhole-provider-memory")?;
     let file = sibling("keyhole-provider-file")?;
@@ -1112,13 +1154,23 @@ async fn run(effort: Effort, smoke: bool) -> Result<String, String> {
     let e = end_to_end(effort, &dir.path().join("home")).await?;
     rows.push(row(
         "end to end (client → gateway → file, policy, durable audit), 1 client",
-        format!("{:.0} resolves/s · {}", e.one_rate, e.one.summary()),
+        format!(
+            "{:.0} resolves/s · {} · {}",
+            e.one_rate,
+            e.one.summary(),
+            fmt_steal(e.one_steal)
+        ),
         "p99 ≤ 1 ms",
         Some(e.one.p99() <= 1e6),
     ));
     rows.push(row(
         "end to end, 64 clients",
-        format!("{:.0} resolves/s · {}", e.many_rate, e.many.summary()),
+        format!(
+            "{:.0} resolves/s · {} · {}",
+            e.many_rate,
+            e.many.summary(),
+            fmt_steal(e.many_steal)
+        ),
         "≥ 20k resolves/s",
         Some(e.many_rate >= 20_000.0),
     ));
@@ -1145,7 +1197,11 @@ async fn run(effort: Effort, smoke: bool) -> Result<String, String> {
     .map(|(figure, s)| row(figure, s.summary(), "", None))
     .collect();
     floors.extend(rows);
-    Ok(table(floors, smoke))
+    Ok(format!(
+        "{}\nOver the whole run: {} (the hypervisor's share of this VM's CPU time).\n",
+        table(floors, smoke),
+        fmt_steal(steal_since(ticks))
+    ))
 }
 
 /// provider-file's resolve at a small and a large store, alternating between the two, in process
