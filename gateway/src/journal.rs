@@ -84,15 +84,9 @@ impl Ticket {
             && self.shared.in_flight.load(Ordering::Relaxed) == 1;
         match self.enter(entries, alone)? {
             Entered::Committer(entries) => {
+                let _done = Committing(&self.shared);
                 let result = tokio::task::block_in_place(|| self.shared.commit(&entries));
                 self.shared.inline.fetch_add(1, Ordering::Relaxed);
-                let mut state = self.shared.lock();
-                if state.queue.is_empty() {
-                    state.busy = false;
-                } else {
-                    // Requests queued behind this commit: the writer takes them, still busy.
-                    self.shared.work.notify_one();
-                }
                 result
             }
             Entered::Queued(wait) => wait.await.map_err(|_| STOPPED.to_string())?,
@@ -128,6 +122,34 @@ enum Entered {
     Queued(oneshot::Receiver<Result<(), String>>),
 }
 
+/// Ends a request's own commit, even one cut short by a panic: the log is idle again, or, if
+/// requests queued behind the commit, the writer takes them (still busy).
+struct Committing<'a>(&'a Shared);
+
+impl Drop for Committing<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        if state.queue.is_empty() {
+            state.busy = false;
+        } else {
+            self.0.work.notify_one();
+        }
+    }
+}
+
+/// Stops the journal when the writer thread ends, even by a panic: the requests it held or had
+/// queued hear that it stopped (their answer channels close), and later ones are refused at once
+/// instead of waiting for a writer that is gone.
+struct WriterGone<'a>(&'a Shared);
+
+impl Drop for WriterGone<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.stopped = true;
+        state.queue.clear();
+    }
+}
+
 struct StopOnDrop(Arc<Shared>);
 
 impl Drop for StopOnDrop {
@@ -156,6 +178,7 @@ impl Shared {
     /// The writer thread: commits what is queued, in batches, until the journal stops and the
     /// queue is empty.
     fn write(&self) {
+        let _gone = WriterGone(self);
         loop {
             let jobs: Vec<Job> = {
                 let mut state = self.lock();
@@ -380,6 +403,21 @@ mod tests {
             .await
             .expect("the next one commits");
         assert_eq!(audit.tail(10).expect("tail").len(), 1);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_writer_that_is_gone_refuses_records_at_once() {
+        let (audit, journal) = started();
+        // What the writer thread leaves behind when it ends, by a panic too.
+        drop(WriterGone(&journal.shared));
+        let answer = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            journal.ticket().append(vec![entry(0)]),
+        )
+        .await
+        .expect("refused at once, not left waiting");
+        assert_eq!(answer, Err(STOPPED.to_string()));
+        assert!(audit.tail(10).expect("tail").is_empty());
     }
 
     #[test]
