@@ -656,7 +656,10 @@ fn cpu_ticks() -> Option<(u64, u64)> {
 /// [`cpu_ticks`]): on a shared VM, what slowed every wake-up in a run down.
 fn steal_since(before: Option<(u64, u64)>) -> Option<f64> {
     let ((s0, t0), (s1, t1)) = (before?, cpu_ticks()?);
-    (t1 > t0).then(|| (s1 - s0) as f64 / (t1 - t0) as f64)
+    // Counters can step back (some hypervisors; a CPU going offline leaves the sum): unknown.
+    let stolen = s1.checked_sub(s0)?;
+    let total = t1.checked_sub(t0).filter(|&t| t > 0)?;
+    Some(stolen as f64 / total as f64)
 }
 
 fn fmt_steal(steal: Option<f64>) -> String {

@@ -1,7 +1,9 @@
 //! Group commit for the audit log. No answer is sent before its records are durable, and only one
 //! commit runs at a time.
 //!
-//! Each request takes a [`Ticket`] when it starts, so the journal knows how many are in flight.
+//! Each request takes a [`Ticket`] when it starts, so the journal knows how many are in flight. A
+//! request counts from its start, through its provider call, until its records are durable: while
+//! one waits on a slow provider, the others have company and queue.
 //!
 //! - **A lone request** (the only one in flight, with no commit under way) commits its records
 //!   itself, on its own runtime worker (`block_in_place`, so the worker's other tasks move to
@@ -58,14 +60,26 @@ struct Shared {
 }
 
 struct State {
-    /// A commit is under way, or the writer thread has been told to take the queue. Whenever the
-    /// queue is not empty, this is true: someone will commit it.
-    busy: bool,
+    /// Who may commit now. Whenever the queue is not empty, someone is: nobody waits on an idle
+    /// log.
+    owner: Owner,
     queue: Vec<Job>,
     stopped: bool,
 }
 
-/// One request in flight, from its start until it appends its records (or is dropped).
+/// Who holds the log: at most one commit runs at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    /// Nobody; the queue is empty.
+    Idle,
+    /// A request committing its own records. The writer leaves the queue alone until the
+    /// request hands it over.
+    Inline,
+    /// The writer thread, which commits the queue until it is empty.
+    Writer,
+}
+
+/// One request in flight, from its start until its `append` returns (or it is dropped).
 pub struct Ticket {
     shared: Arc<Shared>,
 }
@@ -78,7 +92,14 @@ impl Drop for Ticket {
 
 impl Ticket {
     /// Appends `entries` and returns once they are durable.
+    ///
+    /// Call it from a task running on the runtime (as the gateway does): on a multi-thread
+    /// runtime a lone request commits on its worker with `block_in_place`, which tokio refuses
+    /// from a thread that has only entered that runtime's context inside another runtime.
     pub async fn append(self, entries: Vec<AuditEntry>) -> Result<(), String> {
+        if entries.is_empty() {
+            return Ok(());
+        }
         let alone = Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread)
             && self.shared.in_flight.load(Ordering::Relaxed) == 1;
@@ -100,14 +121,14 @@ impl Ticket {
         if state.stopped {
             return Err(STOPPED.into());
         }
-        if alone && !state.busy {
-            state.busy = true;
+        if alone && state.owner == Owner::Idle {
+            state.owner = Owner::Inline;
             return Ok(Entered::Committer(entries));
         }
         let (done, wait) = oneshot::channel();
         state.queue.push((entries, done));
-        if !state.busy {
-            state.busy = true;
+        if state.owner == Owner::Idle {
+            state.owner = Owner::Writer;
             self.shared.work.notify_one();
         }
         Ok(Entered::Queued(wait))
@@ -123,15 +144,16 @@ enum Entered {
 }
 
 /// Ends a request's own commit, even one cut short by a panic: the log is idle again, or, if
-/// requests queued behind the commit, the writer takes them (still busy).
+/// requests queued behind the commit, it is the writer's.
 struct Committing<'a>(&'a Shared);
 
 impl Drop for Committing<'_> {
     fn drop(&mut self) {
         let mut state = self.0.lock();
         if state.queue.is_empty() {
-            state.busy = false;
+            state.owner = Owner::Idle;
         } else {
+            state.owner = Owner::Writer;
             self.0.work.notify_one();
         }
     }
@@ -175,15 +197,17 @@ impl Shared {
             .map_err(|e| e.to_string())
     }
 
-    /// The writer thread: commits what is queued, in batches, until the journal stops and the
-    /// queue is empty.
+    /// The writer thread: commits the queue whenever the log is handed to it, in batches, until
+    /// the journal stops and nothing is queued.
     fn write(&self) {
         let _gone = WriterGone(self);
         loop {
-            let jobs: Vec<Job> = {
+            let (entries, answers) = {
                 let mut state = self.lock();
-                while state.queue.is_empty() {
-                    if state.stopped {
+                while state.owner != Owner::Writer || state.queue.is_empty() {
+                    // After the stop nothing more is queued; records queued behind a request's
+                    // own commit are handed over when it ends, so wait for those.
+                    if state.stopped && state.queue.is_empty() {
                         return;
                     }
                     state = self
@@ -195,26 +219,26 @@ impl Shared {
                 let take = state
                     .queue
                     .iter()
-                    .take_while(|(entries, _)| {
-                        let first = count == 0;
+                    .enumerate()
+                    .take_while(|(i, (entries, _))| {
                         count += entries.len();
-                        first || count <= MAX_BATCH
+                        *i == 0 || count <= MAX_BATCH
                     })
                     .count();
-                state.queue.drain(..take).collect()
+                let (entries, answers): (Vec<Vec<AuditEntry>>, Vec<_>) =
+                    state.queue.drain(..take).unzip();
+                (entries.into_iter().flatten().collect::<Vec<_>>(), answers)
             };
-            let entries: Vec<AuditEntry> =
-                jobs.iter().flat_map(|(e, _)| e.iter().cloned()).collect();
             let result = self.commit(&entries);
             self.grouped.fetch_add(1, Ordering::Relaxed);
             {
                 // Idle again before anyone hears back, so a request that follows finds it so.
                 let mut state = self.lock();
                 if state.queue.is_empty() {
-                    state.busy = false;
+                    state.owner = Owner::Idle;
                 }
             }
-            for (_, done) in jobs {
+            for done in answers {
                 let _ = done.send(result.clone());
             }
         }
@@ -228,7 +252,7 @@ impl Journal {
         let shared = Arc::new(Shared {
             audit,
             state: Mutex::new(State {
-                busy: false,
+                owner: Owner::Idle,
                 queue: Vec::new(),
                 stopped: false,
             }),
@@ -247,8 +271,8 @@ impl Journal {
         })
     }
 
-    /// Counts a request as in flight until the ticket is used or dropped. Take it when the
-    /// request starts, before the work whose records it will append.
+    /// Counts a request as in flight until its `append` returns or the ticket is dropped. Take it
+    /// when the request starts, before the work whose records it will append.
     pub fn ticket(&self) -> Ticket {
         self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
         Ticket {
@@ -387,16 +411,18 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_refused_batch_fails_every_request_in_it() {
+    async fn a_refused_record_fails_its_request_on_either_path() {
         let (audit, journal) = started();
         let mut bad = entry(0);
         bad.time_ms = u64::MAX; // past i64::MAX: the log refuses the whole batch
-        let err = journal
-            .ticket()
-            .append(vec![bad])
-            .await
-            .expect_err("refused");
-        assert!(err.contains("time"), "{err}");
+        let alone = journal.ticket().append(vec![bad.clone()]).await;
+        assert!(alone.expect_err("refused").contains("time"));
+        assert_eq!(journal.commit_counts(), counts(1, 0), "committed in place");
+        let company = journal.ticket();
+        let queued = journal.ticket().append(vec![bad]).await;
+        assert!(queued.expect_err("refused").contains("time"));
+        assert_eq!(journal.commit_counts(), counts(1, 1), "the writer's answer");
+        drop(company);
         journal
             .ticket()
             .append(vec![entry(1)])
@@ -405,14 +431,60 @@ mod tests {
         assert_eq!(audit.tail(10).expect("tail").len(), 1);
     }
 
-    #[tokio::test(flavor = "current_thread")]
-    async fn a_writer_that_is_gone_refuses_records_at_once() {
+    /// Holds the log as a lone request does during its own commit, then queues one record
+    /// behind it.
+    fn held_with_one_queued(journal: &Journal) -> (Vec<AuditEntry>, Queued) {
+        let (lone, behind) = (journal.ticket(), journal.ticket());
+        let Ok(Entered::Committer(mine)) = lone.enter(vec![entry(0)], true) else {
+            panic!("an idle log is the lone request's to commit");
+        };
+        let Ok(Entered::Queued(wait)) = behind.enter(vec![entry(1)], false) else {
+            panic!("a record behind a commit queues");
+        };
+        (mine, wait)
+    }
+
+    type Queued = oneshot::Receiver<Result<(), String>>;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_leaves_the_queue_until_a_lone_commit_hands_it_over() {
         let (audit, journal) = started();
+        let (mine, wait) = held_with_one_queued(&journal);
+        // A spurious wake-up (a Condvar allows them) finds the queue full but not the writer's.
+        journal.shared.work.notify_all();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(
+            audit.tail(10).expect("tail").is_empty(),
+            "the writer committed while the log was the lone request's"
+        );
+        journal.shared.commit(&mine).expect("committed");
+        drop(Committing(&journal.shared)); // the lone commit ends and hands the queue over
+        wait.await
+            .expect("answered")
+            .expect("committed by the writer");
+        let handles: Vec<_> = audit
+            .tail(10)
+            .expect("tail")
+            .into_iter()
+            .map(|r| r.entry.handle)
+            .collect();
+        assert_eq!(handles, [Some("kh_0000".into()), Some("kh_0001".into())]);
+        assert_eq!(journal.commit_counts().grouped, 1);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_writer_that_is_gone_fails_what_it_held_and_refuses_the_rest() {
+        let (audit, journal) = started();
+        let (_mine, wait) = held_with_one_queued(&journal);
         // What the writer thread leaves behind when it ends, by a panic too.
         drop(WriterGone(&journal.shared));
+        assert!(
+            wait.await.is_err(),
+            "the queued request hears that the writer is gone"
+        );
         let answer = tokio::time::timeout(
             std::time::Duration::from_secs(5),
-            journal.ticket().append(vec![entry(0)]),
+            journal.ticket().append(vec![entry(2)]),
         )
         .await
         .expect("refused at once, not left waiting");
@@ -421,18 +493,17 @@ mod tests {
     }
 
     #[test]
-    fn dropping_the_last_clone_stops_the_writer_after_the_queue() {
+    fn dropping_the_journal_stops_the_writer_after_the_queue() {
         let (audit, journal) = started();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("a runtime");
-        let weak = Arc::downgrade(&journal.shared);
-        runtime
-            .block_on(journal.ticket().append(vec![entry(0)]))
-            .expect("appended");
-        drop(journal);
+        let shared = Arc::clone(&journal.shared);
+        let (_mine, wait) = held_with_one_queued(&journal);
+        drop(journal); // the stop comes while a record waits behind a lone commit
+        drop(Committing(&shared)); // that commit ends (here without its record) and hands over
+        wait.blocking_recv()
+            .expect("answered")
+            .expect("the queued record was committed before the writer stopped");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while weak.strong_count() > 0 {
+        while Arc::strong_count(&shared) > 1 {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the writer thread outlived its journal"
