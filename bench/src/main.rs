@@ -754,6 +754,8 @@ async fn awake_costs(memory: &Path, effort: Effort) -> Result<String, String> {
 /// audit with group commit), clients resolving through its socket.
 struct E2e {
     one: Samples,
+    /// A 4 KiB write and fsync on the same disk, interleaved with `one`.
+    disk: Samples,
     one_rate: f64,
     /// The hypervisor's share of the machine during the 1-client run, where known.
     one_steal: Option<f64>,
@@ -762,6 +764,48 @@ struct E2e {
     many: Samples,
     rss_idle_kib: u64,
     rss_load_kib: u64,
+}
+
+/// The least a durable record costs on a disk: a 4 KiB write over existing blocks and `fsync`,
+/// what one audit commit of one record does (SQLite's WAL frame and its sync).
+struct DiskFloor {
+    file: std::fs::File,
+    page: Vec<u8>,
+    slot: u64,
+}
+
+impl DiskFloor {
+    const SLOTS: u64 = 64;
+
+    fn new(dir: &Path) -> Result<DiskFloor, String> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join("disk-floor"))
+            .map_err(|e| format!("cannot create the disk floor's file: {e}"))?;
+        file.set_len(4096 * Self::SLOTS)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| format!("cannot size the disk floor's file: {e}"))?;
+        Ok(DiskFloor {
+            file,
+            page: vec![0x5a; 4096],
+            slot: 0,
+        })
+    }
+
+    /// One write and sync, timed.
+    fn write(&mut self) -> Result<Duration, String> {
+        use std::os::unix::fs::FileExt;
+        let t = Instant::now();
+        self.file
+            .write_all_at(&self.page, self.slot * 4096)
+            .and_then(|()| self.file.sync_all())
+            .map_err(|e| format!("the disk floor's write failed: {e}"))?;
+        self.slot = (self.slot + 1) % Self::SLOTS;
+        Ok(t.elapsed())
+    }
 }
 
 async fn end_to_end(effort: Effort, home: &Path) -> Result<E2e, String> {
@@ -816,19 +860,31 @@ async fn end_to_end(effort: Effort, home: &Path) -> Result<E2e, String> {
             .await
             .map_err(|e| e.to_string())?;
     }
+    // Ten blocks of calls, each followed by a block of the disk's own durable writes, so that
+    // both see the same machine: the disk's p99 is the baseline for the gateway's.
     let mut one = Samples::default();
-    let n = effort.e2e / 2;
+    let mut disk = Samples::default();
+    let mut floor = DiskFloor::new(home)?;
+    let blocks = 10;
+    let per_block = (effort.e2e / 2 / blocks).max(1);
     let ticks = cpu_ticks();
-    let started = Instant::now();
-    for _ in 0..n {
-        let t = Instant::now();
-        client
-            .call(resolve(&handle), Duration::from_secs(10))
-            .await
-            .map_err(|e| e.to_string())?;
-        one.push(t.elapsed());
+    let mut calling = Duration::ZERO;
+    for _ in 0..blocks {
+        let started = Instant::now();
+        for _ in 0..per_block {
+            let t = Instant::now();
+            client
+                .call(resolve(&handle), Duration::from_secs(10))
+                .await
+                .map_err(|e| e.to_string())?;
+            one.push(t.elapsed());
+        }
+        calling += started.elapsed();
+        for _ in 0..(per_block / 10).max(1) {
+            disk.push(floor.write()?);
+        }
     }
-    let one_rate = n as f64 / started.elapsed().as_secs_f64();
+    let one_rate = (per_block * blocks) as f64 / calling.as_secs_f64();
     let one_steal = steal_since(ticks);
 
     let clients = 64;
@@ -874,6 +930,7 @@ async fn end_to_end(effort: Effort, home: &Path) -> Result<E2e, String> {
     let many_rate = (per_client * clients) as f64 / started.elapsed().as_secs_f64();
     Ok(E2e {
         one,
+        disk,
         one_rate,
         one_steal,
         many_steal: steal_since(ticks),
@@ -888,12 +945,13 @@ async fn e2e_only(effort: Effort) -> Result<String, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let e = end_to_end(effort, &dir.path().join("home")).await?;
     Ok(format!(
-        "1 client: {:.0}/s p50 {} p99 {} · {}\n64 clients: {:.0}/s p50 {} p99 {} · {}\n\
-         RSS idle {} KiB, load {} KiB\n",
+        "1 client: {:.0}/s p50 {} p99 {} · {}\ndisk (4 KiB write + fsync, interleaved): {}\n\
+         64 clients: {:.0}/s p50 {} p99 {} · {}\nRSS idle {} KiB, load {} KiB\n",
         e.one_rate,
         stats::fmt(e.one.p50()),
         stats::fmt(e.one.p99()),
         fmt_steal(e.one_steal),
+        e.disk.summary(),
         e.many_rate,
         stats::fmt(e.many.p50()),
         stats::fmt(e.many.p99()),
@@ -1165,6 +1223,17 @@ async fn run(effort: Effort, smoke: bool) -> Result<String, String> {
         ),
         "p99 ≤ 1 ms",
         Some(e.one.p99() <= 1e6),
+    ));
+    rows.push(row(
+        "interleaved with it: the disk alone, a 4 KiB write and fsync in the same directory",
+        format!(
+            "{} · end to end p50 is the disk's + {} · p99 the disk's + {}",
+            e.disk.summary(),
+            stats::fmt(e.one.p50() - e.disk.p50()),
+            stats::fmt(e.one.p99() - e.disk.p99()),
+        ),
+        "(baseline: what one durable record costs here)",
+        None,
     ));
     rows.push(row(
         "end to end, 64 clients",
