@@ -247,6 +247,18 @@ impl Gateway {
                 });
                 self.decide(caller, Operation::Put, &scope, &labels, None)?;
                 let provider = provider.unwrap_or_else(|| self.default_provider.clone());
+                // Put writes over a name that exists (and un-revokes it), which changes what its
+                // handles resolve to: the caller must be allowed to rotate each of them.
+                let (p, n) = (provider.clone(), name.clone());
+                for existing in self.blocking(move |s| s.find(&p, &n)).await? {
+                    self.decide(
+                        caller,
+                        Operation::Rotate,
+                        &existing.scope,
+                        &existing.labels,
+                        None,
+                    )?;
+                }
                 self.redactor.add(value.expose());
                 let reply = self
                     .call(
@@ -423,6 +435,14 @@ impl Gateway {
                         &h.labels,
                         Some(&purpose),
                     )?;
+                }
+                // A revoked handle stays revoked even if its secret comes back through another
+                // handle or a put; rotating this handle is what restores it.
+                if let Some(h) = found.iter().find(|h| h.state == HandleState::Revoked) {
+                    return Err(err(
+                        ErrorCode::Revoked,
+                        format!("handle {} was revoked; `keyhole rotate` restores it", h.id),
+                    ));
                 }
                 let mut values = Vec::new();
                 for h in found {

@@ -197,13 +197,51 @@ async fn rotate_and_revoke_go_through_the_provider() {
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::Revoked);
     let ApiReply::Described(v) = gw
-        .handle(&OWNER_CALLER, ApiOp::Describe { handle })
+        .handle(
+            &OWNER_CALLER,
+            ApiOp::Describe {
+                handle: handle.clone(),
+            },
+        )
         .await
         .unwrap()
     else {
         panic!()
     };
     assert_eq!(v.state, "revoked");
+    // The secret comes back under the same name through a new handle; the revoked one stays
+    // revoked until it is itself rotated.
+    let ApiReply::Put { handle: again, .. } = gw
+        .handle(&OWNER_CALLER, put("db", b"third-value"))
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let resolve = |h: &str| ApiOp::Resolve {
+        handles: vec![h.to_string()],
+        purpose: "p".into(),
+    };
+    gw.handle(&OWNER_CALLER, resolve(&again)).await.unwrap();
+    let err = gw
+        .handle(&OWNER_CALLER, resolve(&handle))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, ErrorCode::Revoked, "{}", err.message);
+    gw.handle(
+        &OWNER_CALLER,
+        ApiOp::Rotate {
+            handle: handle.clone(),
+            value: SecretBytes::copy_from(b"fourth-value"),
+        },
+    )
+    .await
+    .unwrap();
+    let ApiReply::Resolved { values } = gw.handle(&OWNER_CALLER, resolve(&handle)).await.unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(values[0].value.expose(), b"fourth-value");
     let junk = gw
         .handle(
             &OWNER_CALLER,
@@ -316,6 +354,57 @@ fn rule(
         scopes.iter().map(|s| s.parse().unwrap()).collect(),
         BTreeMap::new(),
     )
+}
+
+#[tokio::test]
+async fn put_cannot_write_over_a_secret_the_caller_could_not_rotate() {
+    // uid 4242 may put and resolve in ci/*, and nothing in prod.
+    let gw = gateway_with(Policy::new(vec![
+        rule("allow", &["owner"], &["*"], &["*"]),
+        rule("allow", &["uid:4242"], &["put", "resolve"], &["ci/*"]),
+    ]));
+    let stored = |scope: &str, value: &[u8]| ApiOp::Put {
+        name: "prod/db".into(),
+        provider: None,
+        scope: Some(scope.into()),
+        labels: BTreeMap::new(),
+        value: SecretBytes::copy_from(value),
+    };
+    let ApiReply::Put { handle: prod, .. } = gw
+        .handle(&OWNER_CALLER, stored("prod", b"kh-canary-put-policy-80"))
+        .await
+        .unwrap()
+    else {
+        panic!("put answered something else");
+    };
+    // The same name from its own scope would replace what the prod handle resolves.
+    let denied = gw
+        .handle(&STRANGER, stored("ci/x", b"kh-canary-put-policy-81"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        denied.code,
+        ErrorCode::PermissionDenied,
+        "{}",
+        denied.message
+    );
+    let resolve = ApiOp::Resolve {
+        handles: vec![prod],
+        purpose: "check".into(),
+    };
+    let ApiReply::Resolved { values } = gw.handle(&OWNER_CALLER, resolve).await.unwrap() else {
+        panic!("resolve answered something else");
+    };
+    assert_eq!(values[0].value.expose(), b"kh-canary-put-policy-80");
+    // A name nobody has a handle to is the caller's to create.
+    let fresh = ApiOp::Put {
+        name: "ci/token".into(),
+        provider: None,
+        scope: Some("ci/x".into()),
+        labels: BTreeMap::new(),
+        value: SecretBytes::copy_from(b"kh-canary-put-policy-82"),
+    };
+    gw.handle(&STRANGER, fresh).await.unwrap();
 }
 
 #[tokio::test]
