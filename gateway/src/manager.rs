@@ -215,10 +215,14 @@ impl Manager {
             Err(CallError::Timeout(_)) => {
                 Err(p.unavailable(&format!("no answer within the {deadline:?} deadline")))
             }
+            // The request did not fit a frame: the connection is fine.
+            Err(e @ CallError::Encode(_)) => {
+                Err(p.unavailable(&p.redactor.redact_str(&e.to_string())))
+            }
             Err(e) => {
                 // The connection broke: mark the provider down so the next call restarts it.
                 let reason = p.redactor.redact_str(&e.to_string()).into_owned();
-                p.mark_down(&reason).await;
+                p.mark_down(&client, &reason).await;
                 Err(p.unavailable(&reason))
             }
         }
@@ -288,9 +292,13 @@ impl Supervised {
         }
     }
 
-    async fn mark_down(&self, reason: &str) {
+    /// Marks the provider down after `failed` broke, unless another call has already restarted
+    /// it: then the live connection is not the one that failed, and it is left alone.
+    async fn mark_down(&self, failed: &Arc<Client>, reason: &str) {
         let mut state = self.state.lock().await;
-        if let State::Up(running) = &mut *state {
+        if let State::Up(running) = &mut *state
+            && Arc::ptr_eq(&running.client, failed)
+        {
             if let Some(process) = running.process.as_mut() {
                 process.kill().await;
             }

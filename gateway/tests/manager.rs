@@ -37,6 +37,45 @@ fn store(name: &str, value: &[u8]) -> Op {
 const DEADLINE: Duration = Duration::from_secs(3);
 
 #[tokio::test]
+async fn a_provider_that_stops_reading_fails_calls_within_their_deadline() {
+    let (manager, _events) = Manager::new(vec![misbehaving("stop-reading")], Redactor::new());
+    for (_, started) in manager.start_all().await {
+        started.unwrap();
+    }
+    // Far more than a Unix socket buffers: the write cannot finish while nobody reads.
+    let big = vec![b'a'; 900 * 1024];
+    let deadline = Duration::from_millis(500);
+    let t = Instant::now();
+    let stuck = manager
+        .call("stop-reading", store("big", &big), deadline)
+        .await;
+    assert!(
+        matches!(stuck, Err(ManagerError::Unavailable { .. })),
+        "{stuck:?}"
+    );
+    let message = stuck.unwrap_err().to_string();
+    assert!(message.contains("stopped reading"), "{message}");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "waited {:?}",
+        t.elapsed()
+    );
+    // The next call does not queue behind a write that never ends: the provider is restarted
+    // (and, wedged again, answers nothing within this call's deadline).
+    let t = Instant::now();
+    let next = manager.call("stop-reading", Op::Health {}, deadline).await;
+    assert!(
+        matches!(next, Err(ManagerError::Unavailable { .. })),
+        "{next:?}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "waited {:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test]
 async fn broken_providers_fail_clearly_and_the_good_one_keeps_serving() {
     let specs = vec![
         memory("good"),

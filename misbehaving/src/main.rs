@@ -40,6 +40,9 @@ enum Behaviour {
     EchoValue,
     /// Serves requests one at a time and ignores their deadlines.
     IgnoreDeadlines,
+    /// Accepts the handshake, then never reads again (a wedged process): a large request fills
+    /// the socket and its writer waits.
+    StopReading,
 }
 
 /// A deliberately broken keyhole provider.
@@ -69,9 +72,10 @@ fn main() {
                 ..ServeOptions::default()
             },
         ),
-        Behaviour::Hang | Behaviour::GarbageFrame | Behaviour::IgnoreDeadlines => {
-            raw(cli.behaviour, memory, &cli.serve)
-        }
+        Behaviour::Hang
+        | Behaviour::GarbageFrame
+        | Behaviour::IgnoreDeadlines
+        | Behaviour::StopReading => raw(cli.behaviour, memory, &cli.serve),
         semantic => keyhole_providers::serve(
             Twisted {
                 inner: memory,
@@ -294,6 +298,12 @@ async fn serve_raw(
     writer.flush().await?;
     writer.set_format(major, encoding, hello.max_frame);
     reader.set_cap(DEFAULT_MAX_FRAME);
+    if behaviour == Behaviour::StopReading {
+        tracing::info!("misbehaving: no longer reading");
+        // Until the gateway kills it; an hour bounds a process nobody reaps.
+        tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+        return Ok(());
+    }
 
     loop {
         let Some(frame) = reader.next().await.map_err(std::io::Error::other)? else {

@@ -267,15 +267,20 @@ impl Client {
         wait: Duration,
     ) -> Result<Outcome, CallError> {
         let (id, rx) = self.register(false);
-        self.send(Request { id, timeout_ms, op }, id).await?;
-        Ok(self.wait(id, rx, wait).await?.outcome)
+        let started = tokio::time::Instant::now();
+        self.send(Request { id, timeout_ms, op }, id, wait).await?;
+        Ok(self
+            .wait(id, rx, wait.saturating_sub(started.elapsed()))
+            .await?
+            .outcome)
     }
 
     /// Sends `op` without waiting; the returned handle waits for the answer.
     pub async fn start_call(&self, op: Op, timeout: Duration) -> Result<PendingCall, CallError> {
         let (id, rx) = self.register(false);
         let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
-        self.send(Request { id, timeout_ms, op }, id).await?;
+        self.send(Request { id, timeout_ms, op }, id, timeout + self.grace)
+            .await?;
         Ok(PendingCall {
             id,
             rx,
@@ -329,11 +334,31 @@ impl Client {
     async fn call_inner(&self, op: Op, timeout: Duration, raw: bool) -> Result<Answer, CallError> {
         let (id, rx) = self.register(raw);
         let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
-        self.send(Request { id, timeout_ms, op }, id).await?;
-        self.wait(id, rx, timeout + self.grace).await
+        let started = tokio::time::Instant::now();
+        let wait = timeout + self.grace;
+        self.send(Request { id, timeout_ms, op }, id, wait).await?;
+        self.wait(id, rx, wait.saturating_sub(started.elapsed()))
+            .await
     }
 
-    async fn send(&self, req: Request, id: u64) -> Result<(), CallError> {
+    /// Sends `req` within `wait`. A provider that stops reading fills the socket and would hold
+    /// the write (and every later call behind the writer's lock) for ever; past the deadline the
+    /// connection is closed instead, since a frame may be half written.
+    async fn send(&self, req: Request, id: u64, wait: Duration) -> Result<(), CallError> {
+        match tokio::time::timeout(wait, self.send_now(req, id)).await {
+            Ok(sent) => sent,
+            Err(_) => {
+                self.shared.lock_pending().remove(&id);
+                let why = CallError::Closed(format!(
+                    "the provider stopped reading: a request could not be written within {wait:?}"
+                ));
+                self.shared.close(why.clone());
+                Err(why)
+            }
+        }
+    }
+
+    async fn send_now(&self, req: Request, id: u64) -> Result<(), CallError> {
         if let Some(why) = self.shared.closed_reason() {
             self.shared.lock_pending().remove(&id);
             return Err(why);
