@@ -427,6 +427,12 @@ impl Store {
         let Ok(_lock) = lock(&self.dir, Duration::from_millis(100)) else {
             return;
         };
+        // The header read before the lock may be stale: a rewrap that finished meanwhile made a
+        // newer generation live, and that one must be kept. A store rekeyed meanwhile is left
+        // alone entirely.
+        if self.follow_generation().is_err() {
+            return;
+        }
         let current = self.current_dir();
         // Temporaries of an interrupted write: records inside the generation, the header at the
         // top (an interrupted rewrap).
@@ -559,6 +565,15 @@ impl Store {
         lock(&self.dir, self.options.lock_timeout)
     }
 
+    /// The store lock, for a change: under it the header is read again, because a rewrap by
+    /// another process since the last look moved the store to a new generation, and a write into
+    /// the old one would be acknowledged and then lost with it.
+    fn lock_live(&self) -> Result<LockGuard, StoreError> {
+        let guard = self.lock()?;
+        self.follow_generation()?;
+        Ok(guard)
+    }
+
     fn trim(&self, record: &mut Record) {
         let kept = self.options.versions_kept as usize;
         if kept > 0 && record.versions.len() > kept {
@@ -656,7 +671,7 @@ impl Store {
         create_only: bool,
         labels: BTreeMap<String, String>,
     ) -> Result<String, StoreError> {
-        let _lock = self.lock()?;
+        let _lock = self.lock_live()?;
         let now = now_ms();
         let mut record = match self.read(name)? {
             Some(_) if create_only => return Err(StoreError::AlreadyExists(name.into())),
@@ -687,7 +702,7 @@ impl Store {
         value: &SecretBytes,
         expected_version: Option<&str>,
     ) -> Result<String, StoreError> {
-        let _lock = self.lock()?;
+        let _lock = self.lock_live()?;
         let mut record = self
             .read(name)?
             .ok_or_else(|| StoreError::NotFound(name.into()))?;
@@ -710,7 +725,7 @@ impl Store {
 
     /// Revokes every version and destroys their DEKs (crypto-shredding). Idempotent.
     pub fn revoke(&self, name: &str) -> Result<(), StoreError> {
-        let _lock = self.lock()?;
+        let _lock = self.lock_live()?;
         let mut record = self
             .read(name)?
             .ok_or_else(|| StoreError::NotFound(name.into()))?;

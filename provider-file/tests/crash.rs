@@ -391,3 +391,59 @@ async fn rewrap_killed_at_a_random_moment_leaves_exactly_one_key_working() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_running_provider_writes_into_the_generation_a_rewrap_made_live() {
+    let store = common::key_store().await;
+    let Secret::KeyFile(key) = &store.secret else {
+        unreachable!()
+    };
+    let served = common::serve(&store, &[]).await;
+    common::store(&served.client, "before", b"written before the rewrap").await;
+    let [old] = &store.generation_dirs()[..] else {
+        panic!("one generation before the rewrap")
+    };
+    // Another process rewraps under the same key while this provider runs: the store moves to
+    // a new generation.
+    let status = tokio::process::Command::new(common::BIN)
+        .arg("rewrap")
+        .arg("--store")
+        .arg(&store.dir)
+        .arg("--key-file")
+        .arg(key)
+        .arg("--new-key-file")
+        .arg(key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success(), "rewrap failed");
+    // The rewrap could not remove the old generation (here it is put back as it was, records
+    // and all): the provider can still read there, and must not write there.
+    let [new] = &store.generation_dirs()[..] else {
+        panic!("one generation after the rewrap")
+    };
+    std::fs::create_dir(old).unwrap();
+    for entry in std::fs::read_dir(new).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), old.join(entry.file_name())).unwrap();
+    }
+    // The running provider's next write lands in the live generation, not the dead one.
+    // A rotation reads the record where it already is, so nothing else sends it to the header.
+    common::rotate(&served.client, "before", b"rotated after the rewrap").await;
+    common::store(&served.client, "after", b"written after the rewrap").await;
+    served.stop().await;
+    let reopened = common::serve(&store, &[]).await;
+    for (name, value) in [
+        ("before", &b"rotated after the rewrap"[..]),
+        ("after", &b"written after the rewrap"[..]),
+    ] {
+        match common::resolve(&reopened.client, name, None).await {
+            Outcome::Ok(Reply::Resolved { value: got, .. }) => assert_eq!(got.expose(), value),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    reopened.stop().await;
+}
