@@ -70,7 +70,7 @@ pub enum StoreError {
         /// Its permission bits.
         mode: u32,
     },
-    /// Argon2 parameters below the floor.
+    /// Argon2 parameters below the floor or above the ceiling.
     #[error("{0}")]
     WeakKdf(String),
     /// A usage problem: what to do instead.

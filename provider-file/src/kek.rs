@@ -46,8 +46,34 @@ impl Argon2Params {
         parallelism: 1,
     };
 
-    /// Refuses parameters below [`Argon2Params::FLOOR`].
+    /// The most any store may ask for: 4 GiB, 64 passes, 64 lanes. The parameters come from the
+    /// store's header, so without a ceiling a damaged or hostile header could make every open
+    /// exhaust memory or run for ever.
+    pub const CEILING: Argon2Params = Argon2Params {
+        memory_kib: 4 * 1024 * 1024,
+        iterations: 64,
+        parallelism: 64,
+    };
+
+    /// Refuses parameters below [`Argon2Params::FLOOR`] or above [`Argon2Params::CEILING`].
     pub fn check(&self) -> Result<(), StoreError> {
+        let ceiling = Argon2Params::CEILING;
+        if self.memory_kib > ceiling.memory_kib
+            || self.iterations > ceiling.iterations
+            || self.parallelism > ceiling.parallelism
+        {
+            return Err(StoreError::WeakKdf(format!(
+                "Argon2id with {} KiB, {} iterations and parallelism {} is above the ceiling of \
+                 {} KiB, {} iterations and parallelism {}; refused rather than run (a damaged \
+                 header, or a store not made by this tool)",
+                self.memory_kib,
+                self.iterations,
+                self.parallelism,
+                ceiling.memory_kib,
+                ceiling.iterations,
+                ceiling.parallelism,
+            )));
+        }
         let floor = Argon2Params::FLOOR;
         if self.memory_kib < floor.memory_kib || self.iterations < floor.iterations {
             return Err(StoreError::WeakKdf(format!(

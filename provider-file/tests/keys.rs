@@ -193,6 +193,42 @@ async fn init_refuses_argon2_below_the_floor_naming_it() {
 }
 
 #[tokio::test]
+async fn a_header_asking_for_argon2_above_the_ceiling_is_refused_before_deriving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pass = tmp.path().join("pass");
+    common::write_file(&pass, b"pass phrase\n", 0o600);
+    let dir = tmp.path().join("store");
+    common::cli(os(&[
+        &"init",
+        &"--store",
+        &dir,
+        &"--passphrase-file",
+        &pass,
+        &"--argon2-memory-kib",
+        &"19456",
+        &"--argon2-iterations",
+        &"2",
+    ]))
+    .await
+    .ok();
+    let header = dir.join("header.json");
+    let text = std::fs::read_to_string(&header).unwrap();
+    assert!(text.contains("\"memory_kib\": 19456"), "{text}");
+    // Sixteen TiB of memory: a damaged header must fail at once, not take the machine down.
+    std::fs::write(
+        &header,
+        text.replace("\"memory_kib\": 19456", "\"memory_kib\": 4294967295"),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let run = common::cli(os(&[&"verify", &dir, &"--passphrase-file", &pass]))
+        .await
+        .fails_with("ceiling");
+    assert!(run.stderr.contains("4294967295"), "{}", run.show());
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}
+
+#[tokio::test]
 async fn generate_key_writes_a_private_32_byte_key_and_never_overwrites() {
     let store = common::key_store().await;
     let Secret::KeyFile(key) = &store.secret else {
