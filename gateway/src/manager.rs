@@ -20,6 +20,9 @@ use tokio::sync::mpsc;
 
 use crate::redact::Redactor;
 
+/// Longest piece of provider output logged as one line.
+const MAX_LOG_LINE: usize = 16 * 1024;
+
 /// How to reach one provider.
 #[derive(Clone, Debug)]
 pub enum Launch {
@@ -430,7 +433,8 @@ impl Supervised {
         }
     }
 
-    /// Provider output goes to the gateway's log, line by line, redacted.
+    /// Provider output goes to the gateway's log, line by line (at most [`MAX_LOG_LINE`] bytes
+    /// each), redacted.
     fn log_sink(&self) -> OutputSink {
         let name = self.spec.name.clone();
         let stream = Mutex::new(self.redactor.stream());
@@ -443,6 +447,13 @@ impl Supervised {
                 let line: Vec<u8> = pending.drain(..=end).collect();
                 let text = String::from_utf8_lossy(&line);
                 tracing::info!(provider = %name, "{}", text.trim_end());
+            }
+            // Output that never ends a line is logged in pieces rather than held without limit
+            // (it has been redacted already, so cutting it cannot expose a value).
+            if pending.len() >= MAX_LOG_LINE {
+                let text = String::from_utf8_lossy(&pending);
+                tracing::info!(provider = %name, "{text} [line continues]");
+                pending.clear();
             }
         }))
     }

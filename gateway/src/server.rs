@@ -500,13 +500,16 @@ impl Gateway {
                     out.push(ProviderView {
                         name: fresh.name.clone(),
                         up: fresh.ack.is_some(),
-                        provider: fresh
-                            .ack
-                            .as_ref()
-                            .map(|a| format!("{} {}", a.provider.name, a.provider.version)),
+                        // Provider text is redacted like its error messages: a misbehaving
+                        // provider must not reach a client with a value through it.
+                        provider: fresh.ack.as_ref().map(|a| {
+                            self.redactor
+                                .redact_str(&format!("{} {}", a.provider.name, a.provider.version))
+                                .into_owned()
+                        }),
                         health: health.as_ref().map(|h| format!("{:?}", h.status)),
                         detail: health
-                            .map(|h| h.detail)
+                            .map(|h| self.redactor.redact_str(&h.detail).into_owned())
                             .filter(|d| !d.is_empty())
                             .or(fresh.down_reason)
                             .unwrap_or_default(),

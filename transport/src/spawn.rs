@@ -319,18 +319,27 @@ impl Spawned {
         self.child.id()
     }
 
-    /// Waits up to `deadline` for the process to exit by itself.
+    /// Waits up to `deadline` for the process to exit by itself. Once it has, helpers left in
+    /// its group are killed at once: later, the group's number may belong to someone else.
     pub async fn wait_exit(&mut self, deadline: Duration) -> Option<ExitStatus> {
-        tokio::time::timeout(deadline, self.child.wait())
+        let status = tokio::time::timeout(deadline, self.child.wait())
             .await
             .ok()
-            .and_then(Result::ok)
+            .and_then(Result::ok);
+        if status.is_some() {
+            self.kill_group();
+            self.pgid = None;
+        }
+        status
     }
 
     /// Kills the whole process group with SIGKILL and reaps the child.
     pub async fn kill(&mut self) {
         self.kill_group();
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await;
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await {
+            // Reaped: the group's number is free for reuse, so it is never signalled again.
+            self.pgid = None;
+        }
     }
 
     fn kill_group(&self) {
