@@ -158,6 +158,29 @@ impl Gateway {
         }
     }
 
+    /// Decides `operation` for `caller` in the scope of every handle that already names `name`
+    /// in `provider`: a request that changes or opens what they resolve to needs rights over each.
+    async fn decide_on_existing(
+        &self,
+        caller: &Caller,
+        provider: &str,
+        name: &str,
+        operation: Operation,
+        purpose: Option<&str>,
+    ) -> Result<(), ApiError> {
+        let (p, n) = (provider.to_string(), name.to_string());
+        for existing in self.blocking(move |s| s.find(&p, &n)).await? {
+            self.decide(
+                caller,
+                operation,
+                &existing.scope,
+                &existing.labels,
+                purpose,
+            )?;
+        }
+        Ok(())
+    }
+
     async fn call(&self, provider: &str, op: Op) -> Result<Reply, ApiError> {
         match self.manager.call(provider, op, self.call_timeout).await {
             Ok(Outcome::Ok(reply)) => Ok(reply),
@@ -249,16 +272,8 @@ impl Gateway {
                 let provider = provider.unwrap_or_else(|| self.default_provider.clone());
                 // Put writes over a name that exists (and un-revokes it), which changes what its
                 // handles resolve to: the caller must be allowed to rotate each of them.
-                let (p, n) = (provider.clone(), name.clone());
-                for existing in self.blocking(move |s| s.find(&p, &n)).await? {
-                    self.decide(
-                        caller,
-                        Operation::Rotate,
-                        &existing.scope,
-                        &existing.labels,
-                        None,
-                    )?;
-                }
+                self.decide_on_existing(caller, &provider, &name, Operation::Rotate, None)
+                    .await?;
                 self.redactor.add(value.expose());
                 let reply = self
                     .call(
@@ -301,16 +316,8 @@ impl Gateway {
                 let provider = provider.unwrap_or_else(|| self.default_provider.clone());
                 // A new handle reaches the value, so it must not open a secret to a caller who
                 // could not resolve it through the handles it already has.
-                let (p, n) = (provider.clone(), name.clone());
-                for existing in self.blocking(move |s| s.find(&p, &n)).await? {
-                    self.decide(
-                        caller,
-                        Operation::Resolve,
-                        &existing.scope,
-                        &existing.labels,
-                        Some("link"),
-                    )?;
-                }
+                self.decide_on_existing(caller, &provider, &name, Operation::Resolve, Some("link"))
+                    .await?;
                 let reply = self
                     .call(&provider, Op::Describe { name: name.clone() })
                     .await?;

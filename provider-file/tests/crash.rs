@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -288,6 +288,23 @@ async fn the_key_that_opens(store: &TestStore, keys: [&PathBuf; 2], records: usi
     opens[0]
 }
 
+/// `rewrap` of `store` from key file `from` to `to`, quiet.
+fn rewrap(store: &TestStore, from: &Path, to: &Path) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(common::BIN);
+    command
+        .arg("rewrap")
+        .arg("--store")
+        .arg(&store.dir)
+        .arg("--key-file")
+        .arg(from)
+        .arg("--new-key-file")
+        .arg(to)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    command
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rewrap_killed_at_a_random_moment_leaves_exactly_one_key_working() {
     const RECORDS: usize = 40;
@@ -314,20 +331,7 @@ async fn rewrap_killed_at_a_random_moment_leaves_exactly_one_key_working() {
     let mut full: Option<u64> = None;
     for round in 0..12 {
         let (from, to) = (keys[current], keys[1 - current]);
-        let mut child = tokio::process::Command::new(common::BIN)
-            .arg("rewrap")
-            .arg("--store")
-            .arg(&store.dir)
-            .arg("--key-file")
-            .arg(from)
-            .arg("--new-key-file")
-            .arg(to)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+        let mut child = rewrap(&store, from, to).kill_on_drop(true).spawn().unwrap();
         // The first round runs to the end and is timed; the others are killed at a random
         // moment within about that time.
         let began = Instant::now();
@@ -405,20 +409,7 @@ async fn a_running_provider_writes_into_the_generation_a_rewrap_made_live() {
     };
     // Another process rewraps under the same key while this provider runs: the store moves to
     // a new generation.
-    let status = tokio::process::Command::new(common::BIN)
-        .arg("rewrap")
-        .arg("--store")
-        .arg(&store.dir)
-        .arg("--key-file")
-        .arg(key)
-        .arg("--new-key-file")
-        .arg(key)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await
-        .unwrap();
+    let status = rewrap(&store, key, key).status().await.unwrap();
     assert!(status.success(), "rewrap failed");
     // The rewrap could not remove the old generation (here it is put back as it was, records
     // and all): the provider can still read there, and must not write there.

@@ -7,6 +7,7 @@
 mod common;
 
 use std::ffi::OsString;
+use std::path::Path;
 
 use common::{Secret, TestStore};
 
@@ -159,27 +160,36 @@ async fn init_refuses_an_insecure_or_malformed_key_file() {
     assert!(dir.join("header.json").exists());
 }
 
-#[tokio::test]
-async fn init_refuses_argon2_below_the_floor_naming_it() {
+/// A directory with a passphrase file, and where a store would go.
+fn passphrase_dir() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let pass = tmp.path().join("pass");
     common::write_file(&pass, b"pass phrase\n", 0o600);
     let dir = tmp.path().join("store");
-    let init = |memory: &str, iterations: &str| {
-        os(&[
-            &"init",
-            &"--store",
-            &dir,
-            &"--passphrase-file",
-            &pass,
-            &"--argon2-memory-kib",
-            &memory,
-            &"--argon2-iterations",
-            &iterations,
-            &"--argon2-parallelism",
-            &"1",
-        ])
-    };
+    (tmp, pass, dir)
+}
+
+/// `init` of a passphrase store with these Argon2id parameters (one lane).
+fn init_argon2(dir: &Path, pass: &Path, memory: &str, iterations: &str) -> Vec<OsString> {
+    os(&[
+        &"init",
+        &"--store",
+        &dir,
+        &"--passphrase-file",
+        &pass,
+        &"--argon2-memory-kib",
+        &memory,
+        &"--argon2-iterations",
+        &iterations,
+        &"--argon2-parallelism",
+        &"1",
+    ])
+}
+
+#[tokio::test]
+async fn init_refuses_argon2_below_the_floor_naming_it() {
+    let (_tmp, pass, dir) = passphrase_dir();
+    let init = |memory: &str, iterations: &str| init_argon2(&dir, &pass, memory, iterations);
     common::cli(init("8192", "2")).await.fails_with("19456");
     common::cli(init("19455", "3")).await.fails_with("19456");
     let run = common::cli(init("19456", "1"))
@@ -194,23 +204,10 @@ async fn init_refuses_argon2_below_the_floor_naming_it() {
 
 #[tokio::test]
 async fn a_header_asking_for_argon2_above_the_ceiling_is_refused_before_deriving() {
-    let tmp = tempfile::tempdir().unwrap();
-    let pass = tmp.path().join("pass");
-    common::write_file(&pass, b"pass phrase\n", 0o600);
-    let dir = tmp.path().join("store");
-    common::cli(os(&[
-        &"init",
-        &"--store",
-        &dir,
-        &"--passphrase-file",
-        &pass,
-        &"--argon2-memory-kib",
-        &"19456",
-        &"--argon2-iterations",
-        &"2",
-    ]))
-    .await
-    .ok();
+    let (_tmp, pass, dir) = passphrase_dir();
+    common::cli(init_argon2(&dir, &pass, "19456", "2"))
+        .await
+        .ok();
     let header = dir.join("header.json");
     let text = std::fs::read_to_string(&header).unwrap();
     assert!(text.contains("\"memory_kib\": 19456"), "{text}");
