@@ -92,7 +92,31 @@ fn bincode_decode<T: DeserializeOwned>(
     }
 }
 
-/// Appends `msg`, encoded in `encoding`, to `out`.
+/// Appends to a `Vec`, and when it must grow, moves the bytes to a new allocation and wipes the
+/// old one: a plain `Vec` would free its old block with a copy of the frame (a value, in a
+/// Resolve answer) still in it.
+struct Wiping<'a>(&'a mut Vec<u8>);
+
+impl std::io::Write for Wiping<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let need = self.0.len().saturating_add(buf.len());
+        if need > self.0.capacity() {
+            let mut grown = Vec::with_capacity(need.max(self.0.capacity().saturating_mul(2)));
+            grown.extend_from_slice(self.0);
+            // Wipes the old block's whole capacity before it is freed.
+            std::mem::replace(self.0, grown).zeroize();
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Appends `msg`, encoded in `encoding`, to `out`. When `out` must grow, its old allocation is
+/// wiped before it is freed.
 ///
 /// On error, whatever was appended is zeroized and removed.
 pub fn encode<T: Serialize>(
@@ -101,10 +125,11 @@ pub fn encode<T: Serialize>(
     out: &mut Vec<u8>,
 ) -> Result<(), EncodeError> {
     let start = out.len();
+    let mut sink = Wiping(out);
     let result = match encoding {
-        Encoding::Json => serde_json::to_writer(&mut *out, msg).map_err(|_| EncodeError::Serialize),
+        Encoding::Json => serde_json::to_writer(&mut sink, msg).map_err(|_| EncodeError::Serialize),
         Encoding::Bincode => {
-            bincode::serde::encode_into_std_write(msg, &mut *out, bincode_config())
+            bincode::serde::encode_into_std_write(msg, &mut sink, bincode_config())
                 .map(|_| ())
                 .map_err(|_| EncodeError::Serialize)
         }
@@ -128,8 +153,12 @@ pub fn encode_frame<T: Serialize>(
     out: &mut Vec<u8>,
 ) -> Result<(), EncodeError> {
     let start = out.len();
-    out.extend_from_slice(&[0u8; HEADER_LEN]);
-    encode(encoding, msg, out)?;
+    std::io::Write::write_all(&mut Wiping(out), &[0u8; HEADER_LEN])
+        .map_err(|_| EncodeError::Serialize)?;
+    if let Err(e) = encode(encoding, msg, out) {
+        out.truncate(start); // the header placeholder: zeros, nothing to wipe
+        return Err(e);
+    }
     let len = out.len() - start - HEADER_LEN;
     match u32::try_from(len) {
         Ok(len32) if len32 <= cap => {
@@ -199,6 +228,20 @@ fn bincode_kind(e: &bincode::error::DecodeError) -> &'static str {
 mod tests {
     use super::*;
     use crate::{Op, Request, SecretBytes};
+
+    #[test]
+    fn a_growing_buffer_keeps_every_byte_in_order() {
+        use std::io::Write;
+        let mut out = Vec::with_capacity(4);
+        let mut expected = Vec::new();
+        for chunk in 0u8..40 {
+            let bytes = vec![chunk; usize::from(chunk) + 1];
+            Wiping(&mut out).write_all(&bytes).expect("written");
+            expected.extend_from_slice(&bytes);
+        }
+        assert_eq!(out, expected);
+        assert!(out.capacity() >= out.len());
+    }
 
     #[test]
     fn oversize_message_is_refused_and_scrubbed() {
