@@ -16,7 +16,6 @@
 
 pub mod dir;
 pub mod mapping;
-mod watcher;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
@@ -28,13 +27,12 @@ use keyhole_providers::protocol::{
     Capabilities, Change, Description, ErrorCode, HealthReport, HealthStatus, ProviderError,
     ProviderInfo, SecretBytes, SecretState, VersionInfo, validate_prefix,
 };
-use keyhole_providers::{Page, Provider, Resolved, WatchChange, page_token};
+use keyhole_providers::{Page, Provider, Resolved, WatchChange, Watcher, page_token};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use crate::dir::{DirSource, ReadError};
 use crate::mapping::EnvSecret;
-use crate::watcher::Watcher;
 
 /// The largest value served, in bytes: a Resolve answer of this size fits a 1 MiB frame in JSON
 /// (PROTOCOL.md section 4.4). Larger files and variables are refused with `TooLarge`.

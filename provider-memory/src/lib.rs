@@ -8,14 +8,14 @@
 #![deny(missing_docs)]
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use keyhole_providers::protocol::{
     Capabilities, Change, Description, ErrorCode, HealthReport, HealthStatus, ProviderError,
     ProviderInfo, SecretBytes, SecretState, VersionInfo,
 };
-use keyhole_providers::{Page, Provider, Resolved, StoreRequest, WatchChange, page_token};
+use keyhole_providers::{Page, Provider, Resolved, StoreRequest, WatchChange, Watcher, page_token};
 use tokio::sync::mpsc;
 
 /// Settings of the memory provider.
@@ -47,7 +47,7 @@ pub struct MemoryProvider {
 #[derive(Default)]
 struct State {
     secrets: BTreeMap<String, Secret>,
-    watchers: Vec<(String, mpsc::Sender<WatchChange>)>,
+    watchers: Vec<Arc<Watcher>>,
 }
 
 struct Secret {
@@ -153,23 +153,16 @@ impl Secret {
 }
 
 impl State {
+    /// Queues the change for the watchers whose prefix it matches; forgets ended watches.
     fn notify(&mut self, name: &str, change: Change, version: Option<String>) {
-        self.watchers.retain(|(prefix, tx)| {
-            if !name.starts_with(prefix.as_str()) {
-                return !tx.is_closed();
-            }
-            match tx.try_send(WatchChange {
-                name: name.to_string(),
-                change,
-                version: version.clone(),
-            }) {
-                Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    tracing::warn!("a watcher is not keeping up; dropped a change event");
-                    true
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
-            }
+        let change = [WatchChange {
+            name: name.to_string(),
+            change,
+            version,
+        }];
+        self.watchers.retain(|w| {
+            w.offer(&change);
+            !w.is_gone()
         });
     }
 }
@@ -352,8 +345,39 @@ impl Provider for MemoryProvider {
     }
 
     async fn watch(&self, prefix: &str) -> Result<mpsc::Receiver<WatchChange>, ProviderError> {
-        let (tx, rx) = mpsc::channel(1024);
-        self.state().watchers.push((prefix.to_string(), tx));
+        let (watcher, rx) = Watcher::start(prefix);
+        self.state().watchers.push(watcher);
         Ok(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_watcher_that_reads_late_still_gets_the_final_version() {
+        let provider = MemoryProvider::new(MemoryOptions::default());
+        let mut rx = provider.watch("db/").await.expect("watching");
+        // Far more changes than any channel holds, none read meanwhile.
+        let mut last = String::new();
+        for i in 0..3_000 {
+            last = provider
+                .store(StoreRequest {
+                    name: "db/password".into(),
+                    value: SecretBytes::copy_from(format!("v{i}").as_bytes()),
+                    create_only: false,
+                    labels: BTreeMap::new(),
+                })
+                .await
+                .expect("stored");
+        }
+        let mut seen = None;
+        while let Ok(Some(change)) =
+            tokio::time::timeout(std::time::Duration::from_millis(200), rx.recv()).await
+        {
+            seen = change.version;
+        }
+        assert_eq!(seen, Some(last), "the last change arrived");
     }
 }

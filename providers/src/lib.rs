@@ -16,8 +16,10 @@ mod cli;
 mod provider;
 mod serve;
 pub mod testing;
+mod watcher;
 
 pub use cli::{ServeArgs, ServeMode, init_tracing, main, serve};
 pub use keyhole_protocol as protocol;
 pub use provider::{Page, Provider, Resolved, StoreRequest, WatchChange, page_token};
 pub use serve::{ConnectionEnd, ServeOptions, dispatch, serve_connection};
+pub use watcher::Watcher;

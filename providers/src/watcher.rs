@@ -1,23 +1,29 @@
-//! One watch's queue between the poller and the connection. It holds at most one change per
-//! name, the latest, so a watcher that falls behind skips intermediate versions but never misses
-//! a name's final state. A task hands the queue to the SDK's channel as fast as the connection
-//! takes it. (Before, a full channel dropped the change, and a watcher could go on believing an
-//! old version was current.)
+//! One watch's queue between a provider's changes and the connection, for providers that
+//! implement [`Provider::watch`](crate::Provider::watch). It holds at most one change per name,
+//! the latest, so a watcher that falls behind skips intermediate versions but never misses a
+//! name's final state (PROTOCOL.md 7.11), and the provider never blocks on a slow connection. A
+//! task hands the queue to the SDK's channel as fast as the connection takes it. A bounded
+//! channel fed with `try_send` would have to drop a change when full, and a watcher could then
+//! go on believing an old version was current.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use keyhole_providers::WatchChange;
 use tokio::sync::{Notify, mpsc};
 
-use crate::lock;
+use crate::WatchChange;
+
+/// The queue, even if a thread panicked holding it: each update is one replace or push.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// Changes handed to the SDK ahead of the connection; the rest wait, merged, in the queue.
 const CHANNEL: usize = 64;
 
 /// A watch on the names under a prefix.
-pub(crate) struct Watcher {
+pub struct Watcher {
     prefix: String,
     /// Changes not yet handed over, oldest first, one per name.
     pending: Mutex<VecDeque<WatchChange>>,
@@ -29,7 +35,7 @@ pub(crate) struct Watcher {
 impl Watcher {
     /// A watcher for the names under `prefix`, and the receiver the SDK reads its changes from.
     /// Spawns the task that feeds the receiver, so it must run inside a tokio runtime.
-    pub(crate) fn start(prefix: &str) -> (Arc<Watcher>, mpsc::Receiver<WatchChange>) {
+    pub fn start(prefix: &str) -> (Arc<Watcher>, mpsc::Receiver<WatchChange>) {
         let (tx, rx) = mpsc::channel(CHANNEL);
         let watcher = Arc::new(Watcher {
             prefix: prefix.to_string(),
@@ -43,7 +49,7 @@ impl Watcher {
 
     /// Queues the changes under this watcher's prefix. A name already queued takes the newer
     /// change in its place, so the queue never holds more entries than there are names.
-    pub(crate) fn offer(&self, changes: &[WatchChange]) {
+    pub fn offer(&self, changes: &[WatchChange]) {
         let mut queued = false;
         {
             let mut pending = lock(&self.pending);
@@ -62,7 +68,7 @@ impl Watcher {
     }
 
     /// Whether the watch has ended, so the watcher can be forgotten.
-    pub(crate) fn is_gone(&self) -> bool {
+    pub fn is_gone(&self) -> bool {
         self.gone.load(Ordering::Acquire)
     }
 }
@@ -89,7 +95,7 @@ async fn feed(watcher: Arc<Watcher>, tx: mpsc::Sender<WatchChange>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keyhole_providers::protocol::Change;
+    use keyhole_protocol::Change;
 
     fn updated(name: &str, version: usize) -> WatchChange {
         WatchChange {
