@@ -133,6 +133,7 @@ impl StayAwake {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keyhole_protocol::Encoding;
 
     #[test]
     fn the_switch_reads_off_words_in_any_case_and_nothing_else() {
@@ -143,7 +144,6 @@ mod tests {
             assert!(!switched_off(on), "{on:?}");
         }
     }
-    use keyhole_protocol::Encoding;
 
     async fn pair() -> (
         FrameReader<tokio::io::DuplexStream>,

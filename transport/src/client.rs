@@ -267,25 +267,18 @@ impl Client {
         wait: Duration,
     ) -> Result<Outcome, CallError> {
         let (id, rx) = self.register(false);
-        let started = tokio::time::Instant::now();
-        self.send(Request { id, timeout_ms, op }, id, wait).await?;
-        Ok(self
-            .wait(id, rx, wait.saturating_sub(started.elapsed()))
-            .await?
-            .outcome)
+        let left = self.send(Request { id, timeout_ms, op }, id, wait).await?;
+        Ok(self.wait(id, rx, left).await?.outcome)
     }
 
     /// Sends `op` without waiting; the returned handle waits for the answer.
     pub async fn start_call(&self, op: Op, timeout: Duration) -> Result<PendingCall, CallError> {
         let (id, rx) = self.register(false);
         let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
-        self.send(Request { id, timeout_ms, op }, id, timeout + self.grace)
+        let left = self
+            .send(Request { id, timeout_ms, op }, id, timeout + self.grace)
             .await?;
-        Ok(PendingCall {
-            id,
-            rx,
-            wait: timeout + self.grace,
-        })
+        Ok(PendingCall { id, rx, wait: left })
     }
 
     /// Waits for a call started with [`Client::start_call`].
@@ -334,19 +327,20 @@ impl Client {
     async fn call_inner(&self, op: Op, timeout: Duration, raw: bool) -> Result<Answer, CallError> {
         let (id, rx) = self.register(raw);
         let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
-        let started = tokio::time::Instant::now();
-        let wait = timeout + self.grace;
-        self.send(Request { id, timeout_ms, op }, id, wait).await?;
-        self.wait(id, rx, wait.saturating_sub(started.elapsed()))
-            .await
+        let left = self
+            .send(Request { id, timeout_ms, op }, id, timeout + self.grace)
+            .await?;
+        self.wait(id, rx, left).await
     }
 
-    /// Sends `req` within `wait`. A provider that stops reading fills the socket and would hold
-    /// the write (and every later call behind the writer's lock) for ever; past the deadline the
-    /// connection is closed instead, since a frame may be half written.
-    async fn send(&self, req: Request, id: u64, wait: Duration) -> Result<(), CallError> {
+    /// Sends `req` within `wait` and returns what is left of it for the answer. A provider that
+    /// stops reading fills the socket and would hold the write (and every later call behind the
+    /// writer's lock) for ever; past the deadline the connection is closed instead, since a
+    /// frame may be half written.
+    async fn send(&self, req: Request, id: u64, wait: Duration) -> Result<Duration, CallError> {
+        let started = tokio::time::Instant::now();
         match tokio::time::timeout(wait, self.send_now(req, id)).await {
-            Ok(sent) => sent,
+            Ok(sent) => sent.map(|()| wait.saturating_sub(started.elapsed())),
             Err(_) => {
                 self.shared.lock_pending().remove(&id);
                 let why = CallError::Closed(format!(
