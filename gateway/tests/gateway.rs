@@ -46,10 +46,15 @@ fn gateway_with(policy: Policy) -> Arc<Gateway> {
 }
 
 fn put(name: &str, value: &[u8]) -> ApiOp {
+    put_in(name, None, value)
+}
+
+/// A put into `scope` (the default scope if `None`).
+fn put_in(name: &str, scope: Option<&str>, value: &[u8]) -> ApiOp {
     ApiOp::Put {
         name: name.into(),
         provider: None,
-        scope: None,
+        scope: scope.map(str::to_string),
         labels: BTreeMap::new(),
         value: SecretBytes::copy_from(value),
     }
@@ -363,13 +368,7 @@ async fn put_cannot_write_over_a_secret_the_caller_could_not_rotate() {
         rule("allow", &["owner"], &["*"], &["*"]),
         rule("allow", &["uid:4242"], &["put", "resolve"], &["ci/*"]),
     ]));
-    let stored = |scope: &str, value: &[u8]| ApiOp::Put {
-        name: "prod/db".into(),
-        provider: None,
-        scope: Some(scope.into()),
-        labels: BTreeMap::new(),
-        value: SecretBytes::copy_from(value),
-    };
+    let stored = |scope: &str, value: &[u8]| put_in("prod/db", Some(scope), value);
     let ApiReply::Put { handle: prod, .. } = gw
         .handle(&OWNER_CALLER, stored("prod", b"kh-canary-put-policy-80"))
         .await
@@ -397,13 +396,7 @@ async fn put_cannot_write_over_a_secret_the_caller_could_not_rotate() {
     };
     assert_eq!(values[0].value.expose(), b"kh-canary-put-policy-80");
     // A name nobody has a handle to is the caller's to create.
-    let fresh = ApiOp::Put {
-        name: "ci/token".into(),
-        provider: None,
-        scope: Some("ci/x".into()),
-        labels: BTreeMap::new(),
-        value: SecretBytes::copy_from(b"kh-canary-put-policy-82"),
-    };
+    let fresh = put_in("ci/token", Some("ci/x"), b"kh-canary-put-policy-82");
     gw.handle(&STRANGER, fresh).await.unwrap();
 }
 
@@ -414,13 +407,7 @@ async fn link_cannot_open_a_secret_the_caller_could_not_resolve() {
         rule("allow", &["owner"], &["*"], &["*"]),
         rule("allow", &["uid:4242"], &["put", "resolve"], &["ci/*"]),
     ]));
-    let stored = ApiOp::Put {
-        name: "prod/db".into(),
-        provider: None,
-        scope: Some("prod".into()),
-        labels: BTreeMap::new(),
-        value: SecretBytes::copy_from(b"kh-canary-link-policy-77"),
-    };
+    let stored = put_in("prod/db", Some("prod"), b"kh-canary-link-policy-77");
     gw.handle(&OWNER_CALLER, stored).await.unwrap();
     let link = |name: &str| ApiOp::Link {
         name: name.into(),
@@ -447,13 +434,7 @@ async fn link_cannot_open_a_secret_the_caller_could_not_resolve() {
             &["ci/*"],
         ),
     ]));
-    let stored = ApiOp::Put {
-        name: "prod/db".into(),
-        provider: None,
-        scope: Some("prod".into()),
-        labels: BTreeMap::new(),
-        value: SecretBytes::copy_from(b"kh-canary-link-policy-78"),
-    };
+    let stored = put_in("prod/db", Some("prod"), b"kh-canary-link-policy-78");
     gw2.handle(&OWNER_CALLER, stored).await.unwrap();
     let denied = gw2.handle(&STRANGER, link("prod/db")).await.unwrap_err();
     assert_eq!(
