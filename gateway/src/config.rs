@@ -621,6 +621,7 @@ fn parse(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
             .filter(|l| !l.is_empty())
             .collect::<Vec<_>>()
             .join("; ");
+        let message = without_values(&message);
         // serde's wording: "unknown field `name`, expected one of `a`, `b`".
         if let Some(rest) = message.strip_prefix("unknown field `")
             && let Some((key, expected)) = rest.split_once('`')
@@ -639,6 +640,52 @@ fn parse(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
             message,
         }
     })
+}
+
+/// The parser's `message` with the values it quotes replaced by `…`, since a config file's values
+/// may be credentials (a provider's `env`). serde quotes the value it found: as a debug-escaped
+/// string (`invalid type: string "…", expected a map`), or in backticks after `invalid type:`,
+/// `invalid value:` or `unknown variant` (`integer `5``). Other backticked text names keys or
+/// expected tokens and stays.
+fn without_values(message: &str) -> String {
+    let quotes_a_value = ["invalid type: ", "invalid value: ", "unknown variant "]
+        .iter()
+        .any(|p| message.starts_with(p));
+    let mut value_ticks_left = quotes_a_value;
+    let mut out = String::with_capacity(message.len());
+    let mut chars = message.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                out.push_str("\"…\"");
+                let mut escaped = false;
+                for c in chars.by_ref() {
+                    match (escaped, c) {
+                        (true, _) => escaped = false,
+                        (false, '\\') => escaped = true,
+                        (false, '"') => break,
+                        (false, _) => {}
+                    }
+                }
+            }
+            '`' if value_ticks_left => {
+                value_ticks_left = false;
+                out.push_str("`…`");
+                chars.by_ref().find(|&c| c == '`');
+            }
+            '`' => {
+                out.push('`');
+                for c in chars.by_ref() {
+                    out.push(c);
+                    if c == '`' {
+                        break;
+                    }
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// The 1-based line and column (in characters) of byte `offset` in `text`.
@@ -1142,6 +1189,33 @@ fn patterns<T: std::str::FromStr<Err = PolicyError>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parser_messages_lose_the_values_they_quote_and_keep_the_rest() {
+        let cases = [
+            (
+                r#"invalid type: string "a\", expected b", expected a map"#,
+                r#"invalid type: string "…", expected a map"#,
+            ),
+            (
+                "invalid type: integer `424242`, expected a string",
+                "invalid type: integer `…`, expected a string",
+            ),
+            (
+                "unknown variant `allw`, expected `allow` or `deny`",
+                "unknown variant `…`, expected `allow` or `deny`",
+            ),
+            (
+                r#"invalid string; expected `"`, `'`"#,
+                r#"invalid string; expected `"`, `'`"#,
+            ),
+            ("duplicate key `env`", "duplicate key `env`"),
+            (r#"unterminated "abc"#, r#"unterminated "…""#),
+        ];
+        for (message, scrubbed) in cases {
+            assert_eq!(without_values(message), scrubbed, "{message}");
+        }
+    }
 
     fn ctx<'a>(exe_dir: Option<&'a Path>, path_var: Option<&'a str>) -> Context<'a> {
         Context {

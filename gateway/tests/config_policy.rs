@@ -819,3 +819,26 @@ proptest! {
         prop_assert_eq!(glob.matches(&other), other.starts_with(&format!("{prefix}/")));
     }
 }
+
+#[test]
+fn a_wrong_typed_value_is_not_quoted_in_the_error() {
+    // serde's wording quotes the value it found ("invalid type: string \"...\", expected a map"),
+    // and a config file's values may be credentials: the error names the line, not the value.
+    let cases = [
+        "[providers.v]\nkind = \"spawn\"\ncommand = \"/p\"\nenv = \"hunter2-tok\"\n",
+        "[providers.v]\nkind = \"spawn\"\ncommand = \"/p\"\nargs = \"hunter2-tok\"\n",
+        "[providers.v]\nkind = \"spawn\"\ncommand = \"/p\"\nenv = { TOKEN = [\"hunter2-tok\"] }\n",
+        "[providers.v]\nkind = \"spawn\"\ncommand = \"/p\"\nenv = { TOKEN = 424242 }\n",
+        "call_timeout_ms = \"hunter2-tok\"\n",
+    ];
+    for text in cases {
+        let err = load_err(text, &[]);
+        let message = err.to_string();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err:?}");
+        assert!(err.line().is_some(), "{message}");
+        for secret in ["hunter2-tok", "424242"] {
+            assert!(!message.contains(secret), "{message}");
+            assert!(!format!("{err:?}").contains(secret), "{err:?}");
+        }
+    }
+}
