@@ -222,3 +222,36 @@ async fn provider_stderr_reaches_the_log_redacted() {
     );
     manager.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test]
+async fn a_failed_start_quotes_no_part_of_a_value_its_output_cut_through() {
+    // The provider prints a known value and then exactly enough to put a 4 KiB cut of its
+    // raw output inside the value: the quoted tail must not begin with the value's remainder.
+    let secret = "kh-canary-cut-q9Kx7w";
+    let redactor = Redactor::new();
+    assert!(redactor.add(secret.as_bytes()));
+    let keep = 4096;
+    let remainder = &secret[secret.len() - 7..];
+    let last_line = "provider gives up\n";
+    let filler = keep - remainder.len() - 1 - last_line.len(); // 1: the filler's newline
+    let script = format!(
+        "printf '%s' '{secret}' >&2; head -c {filler} /dev/zero | tr '\\0' . >&2; echo >&2; \
+         printf '{last_line}' >&2; exit 3"
+    );
+    let spec = ProviderSpec::spawn(
+        "cut",
+        "sh",
+        vec![OsString::from("-c"), OsString::from(script)],
+    );
+    let (manager, _events) = Manager::new(vec![spec], redactor);
+    let err = manager
+        .call("cut", Op::Health {}, DEADLINE)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("provider gives up"), "{err}");
+    assert!(err.contains("exited"), "{err}");
+    assert!(!err.contains(remainder), "{err}");
+    assert!(!err.contains(secret), "{err}");
+    manager.shutdown(Duration::from_secs(1)).await;
+}

@@ -124,6 +124,22 @@ pub enum SpawnError {
     },
 }
 
+impl SpawnError {
+    /// The error without the tail of the provider's output. The tail is cut from raw output at
+    /// a byte count, so a value the provider printed may straddle the cut, and no redaction of
+    /// the cut text can recognise its remainder. A caller that redacts output (the gateway)
+    /// drops it and appends its own tail, cut after redacting the whole stream.
+    pub fn without_output(mut self) -> SpawnError {
+        match &mut self {
+            SpawnError::ExitedEarly { stderr, .. }
+            | SpawnError::ConnectTimeout { stderr, .. }
+            | SpawnError::Handshake { stderr, .. } => stderr.clear(),
+            SpawnError::Socket(_) | SpawnError::Exec { .. } => {}
+        }
+        self
+    }
+}
+
 fn stderr_suffix(stderr: &str) -> String {
     if stderr.trim().is_empty() {
         String::new()
