@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use interprocess::local_socket::traits::tokio::Listener as _;
 use keyhole_protocol::{
-    DEFAULT_MAX_FRAME, Encoding, ErrorCode, HANDSHAKE_MAJOR, HANDSHAKE_MAX_FRAME, Op, Outcome,
-    Reply, SecretState, Token, decode,
+    DEFAULT_MAX_FRAME, Description, Encoding, ErrorCode, HANDSHAKE_MAJOR, HANDSHAKE_MAX_FRAME, Op,
+    Outcome, Reply, SecretState, Token, VersionInfo, decode,
 };
 use keyhole_transport::{BoxRead, BoxWrite, FrameReader, FrameWriter, socket};
 
@@ -245,8 +245,40 @@ impl Gateway {
         }
         Ok(ApiReply::Put {
             handle: handle.id,
-            version,
+            version: self.scrub(version),
         })
+    }
+
+    /// Provider text on its way to a client, redacted like the provider's error messages: a
+    /// misbehaving provider must not reach a client with a value through a version string or a
+    /// label.
+    fn scrub(&self, text: String) -> String {
+        match self.redactor.redact_str(&text) {
+            std::borrow::Cow::Borrowed(_) => text,
+            std::borrow::Cow::Owned(clean) => clean,
+        }
+    }
+
+    /// A provider's description of a secret, with its text scrubbed (see [`Gateway::scrub`]).
+    fn scrub_description(&self, d: Description) -> Description {
+        Description {
+            name: self.scrub(d.name),
+            current_version: d.current_version.map(|v| self.scrub(v)),
+            versions: d
+                .versions
+                .into_iter()
+                .map(|v| VersionInfo {
+                    version: self.scrub(v.version),
+                    ..v
+                })
+                .collect(),
+            labels: d
+                .labels
+                .into_iter()
+                .map(|(k, v)| (self.scrub(k), self.scrub(v)))
+                .collect(),
+            ..d
+        }
     }
 
     async fn dispatch(
@@ -369,7 +401,9 @@ impl Gateway {
                 let id = h.id.clone();
                 self.blocking(move |s| s.set_state(&id, HandleState::Active))
                     .await?;
-                Ok(ApiReply::Rotated { version })
+                Ok(ApiReply::Rotated {
+                    version: self.scrub(version),
+                })
             }
             ApiOp::Revoke { handle } => {
                 let h = self.lookup(&handle).await?;
@@ -407,7 +441,7 @@ impl Gateway {
                     )
                     .await?
                 {
-                    v.secret = Some(d);
+                    v.secret = Some(self.scrub_description(d));
                 }
                 Ok(ApiReply::Described(Box::new(v)))
             }
@@ -472,7 +506,7 @@ impl Gateway {
                             values.push(ResolvedValue {
                                 handle: h.id,
                                 value,
-                                version,
+                                version: self.scrub(version),
                             });
                         }
                         _ => {

@@ -28,8 +28,14 @@ fn gateway() -> Arc<Gateway> {
 }
 
 fn gateway_with(policy: Policy) -> Arc<Gateway> {
-    let redactor = Redactor::new();
     let spec = ProviderSpec::spawn("memory", workspace_bin("keyhole-provider-memory"), vec![]);
+    gateway_over(spec, policy)
+}
+
+/// A gateway whose one (and default) provider is `spec`.
+fn gateway_over(spec: ProviderSpec, policy: Policy) -> Arc<Gateway> {
+    let redactor = Redactor::new();
+    let default_provider = spec.name.clone();
     let (manager, _events) = Manager::new(vec![spec], redactor.clone());
     let audit = Arc::new(AuditLog::open_in_memory().unwrap());
     Arc::new(Gateway {
@@ -39,7 +45,7 @@ fn gateway_with(policy: Policy) -> Arc<Gateway> {
         audit,
         policy,
         redactor,
-        default_provider: "memory".into(),
+        default_provider,
         call_timeout: Duration::from_secs(5),
         owner_uid: OWNER,
     })
@@ -449,4 +455,78 @@ async fn link_cannot_open_a_secret_the_caller_could_not_resolve() {
         panic!("link answered something else");
     };
     assert!(handle.starts_with("kh_"));
+}
+
+#[tokio::test]
+async fn provider_text_that_carries_a_value_reaches_no_client() {
+    // A provider that answers with the value as every version string, and as a label in
+    // Describe: the client sees [REDACTED] in its place, in every reply.
+    let spec = ProviderSpec::spawn(
+        "leaky",
+        workspace_bin("keyhole-provider-misbehaving"),
+        vec!["--behaviour".into(), "leak-value".into()],
+    );
+    let gw = gateway_over(spec, Policy::owner_only());
+    let first = "kh-leak-canary-first-71c2";
+    let second = "kh-leak-canary-second-93ab";
+    let mut replies = Vec::new();
+    let put_reply = gw
+        .handle(&OWNER_CALLER, put("db", first.as_bytes()))
+        .await
+        .unwrap();
+    let ApiReply::Put { handle, .. } = &put_reply else {
+        panic!("{put_reply:?}")
+    };
+    let handle = handle.clone();
+    replies.push(serde_json::to_string(&put_reply).unwrap());
+    let rotated = gw
+        .handle(
+            &OWNER_CALLER,
+            ApiOp::Rotate {
+                handle: handle.clone(),
+                value: SecretBytes::copy_from(second.as_bytes()),
+            },
+        )
+        .await
+        .unwrap();
+    replies.push(serde_json::to_string(&rotated).unwrap());
+    let described = gw
+        .handle(
+            &OWNER_CALLER,
+            ApiOp::Describe {
+                handle: handle.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    let ApiReply::Described(view) = &described else {
+        panic!("{described:?}")
+    };
+    let secret = view.secret.as_ref().expect("the provider's description");
+    assert_eq!(
+        secret.labels.get("leaked").map(String::as_str),
+        Some("[REDACTED]")
+    );
+    replies.push(serde_json::to_string(&described).unwrap());
+    let ApiReply::Resolved { values } = gw
+        .handle(
+            &OWNER_CALLER,
+            ApiOp::Resolve {
+                handles: vec![handle.clone()],
+                purpose: "p".into(),
+            },
+        )
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(values[0].value.expose(), second.as_bytes());
+    assert_eq!(values[0].version, "[REDACTED]");
+    for reply in &replies {
+        assert!(reply.contains("[REDACTED]"), "{reply}");
+        for value in [first, second] {
+            assert!(!reply.contains(value), "{reply}");
+        }
+    }
 }

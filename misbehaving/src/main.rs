@@ -38,6 +38,9 @@ enum Behaviour {
     RotateSameVersion,
     /// Echoes the value in Conflict and AlreadyExists messages.
     EchoValue,
+    /// Gives the latest value as every version string (Store, Rotate, Resolve, Describe) and as
+    /// a label in Describe.
+    LeakValue,
     /// Serves requests one at a time and ignores their deadlines.
     IgnoreDeadlines,
     /// Accepts the handshake, then never reads again (a wedged process): a large request fills
@@ -81,6 +84,7 @@ fn main() {
                 inner: memory,
                 behaviour: semantic,
                 seen: Mutex::new(HashMap::new()),
+                latest: Mutex::new(HashMap::new()),
             },
             &cli.serve,
             ServeOptions::default(),
@@ -98,10 +102,30 @@ struct Twisted {
     behaviour: Behaviour,
     /// (name, version) → value, for the provider that keeps revoked versions readable.
     seen: Mutex<HashMap<(String, String), SecretBytes>>,
+    /// name → latest value, for the provider that leaks it.
+    latest: Mutex<HashMap<String, SecretBytes>>,
 }
 
 impl Twisted {
+    /// The version string to answer with: `version`, or the latest value of `name` when leaking.
+    fn version(&self, name: &str, version: String) -> String {
+        if self.behaviour != Behaviour::LeakValue {
+            return version;
+        }
+        let latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+        match latest.get(name) {
+            Some(value) => String::from_utf8_lossy(value.expose()).into_owned(),
+            None => version,
+        }
+    }
+
     fn remember(&self, name: &str, version: &str, value: &SecretBytes) {
+        if self.behaviour == Behaviour::LeakValue {
+            self.latest
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.into(), value.clone());
+        }
         if self.behaviour == Behaviour::OldVersionAfterRevoke {
             self.seen
                 .lock()
@@ -152,6 +176,10 @@ impl Provider for Twisted {
                 }
                 _ => Err(e),
             },
+            Ok(r) => Ok(Resolved {
+                version: self.version(name, r.version),
+                value: r.value,
+            }),
             other => other,
         }
     }
@@ -161,7 +189,7 @@ impl Provider for Twisted {
         match self.inner.store(request).await {
             Ok(v) => {
                 self.remember(&name, &v, &value);
-                Ok(v)
+                Ok(self.version(&name, v))
             }
             Err(e) => Err(self.echo(e, &value)),
         }
@@ -188,7 +216,7 @@ impl Provider for Twisted {
                 self.remember(name, &v, &value);
                 match (self.behaviour, before) {
                     (Behaviour::RotateSameVersion, Some(old)) => Ok(old),
-                    _ => Ok(v),
+                    _ => Ok(self.version(name, v)),
                 }
             }
             Err(e) => Err(self.echo(e, &value)),
@@ -200,7 +228,17 @@ impl Provider for Twisted {
     }
 
     async fn describe(&self, name: &str) -> Result<Description, ProviderError> {
-        self.inner.describe(name).await
+        let mut d = self.inner.describe(name).await?;
+        if self.behaviour == Behaviour::LeakValue {
+            d.current_version = d.current_version.map(|v| self.version(name, v));
+            for v in &mut d.versions {
+                v.version = self.version(name, std::mem::take(&mut v.version));
+            }
+            let leaked = self.version(name, String::new());
+            d.labels.insert("leaked".into(), leaked.clone());
+            d.labels.insert(leaked, "as a key".into());
+        }
+        Ok(d)
     }
 
     async fn list(
