@@ -39,6 +39,9 @@ pub struct ServeOptions {
     pub encodings: Vec<Encoding>,
     /// Protocol majors this provider speaks.
     pub majors: Vec<u16>,
+    /// How long one write to the gateway may wait for it to read. A gateway that reads nothing
+    /// for this long is wedged: the connection ends (`TimedOut`) rather than hold every request.
+    pub write_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -49,8 +52,37 @@ impl Default for ServeOptions {
             max_in_flight: 1024,
             encodings: Encoding::ALL.to_vec(),
             majors: SUPPORTED_MAJORS.to_vec(),
+            write_timeout: Duration::from_secs(10),
         }
     }
+}
+
+/// Writes what `writer` holds, within `deadline`. A timed-out write leaves a partial frame on
+/// the connection, which is therefore ended by the caller, never reused.
+async fn flush_within(
+    writer: &mut FrameWriter<BoxWrite>,
+    deadline: Duration,
+) -> std::io::Result<()> {
+    tokio::time::timeout(deadline, writer.flush())
+        .await
+        .unwrap_or_else(|_| Err(stopped_reading(deadline)))
+}
+
+/// Shuts `writer` down (flushing it first) within `deadline`.
+async fn shutdown_within(
+    writer: &mut FrameWriter<BoxWrite>,
+    deadline: Duration,
+) -> std::io::Result<()> {
+    tokio::time::timeout(deadline, writer.shutdown())
+        .await
+        .unwrap_or_else(|_| Err(stopped_reading(deadline)))
+}
+
+fn stopped_reading(deadline: Duration) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("the gateway read nothing for {deadline:?}; closing the connection"),
+    )
 }
 
 /// How a connection ended.
@@ -155,7 +187,7 @@ async fn handshake<P: Provider>(
                 max_frame: options.max_frame,
             };
             queue_or_log(writer, &HelloReply::Accept(ack.clone()));
-            writer.flush().await?;
+            flush_within(writer, options.write_timeout).await?;
             writer.set_format(major, encoding, peer_cap);
             Ok(Ok(ack))
         }
@@ -163,7 +195,7 @@ async fn handshake<P: Provider>(
             tracing::warn!(code = ?rejection.code, "handshake refused: {}", rejection.message);
             let code = rejection.code;
             queue_or_log(writer, &HelloReply::Reject(rejection));
-            let _ = writer.shutdown().await;
+            let _ = shutdown_within(writer, options.write_timeout).await;
             Ok(Err(ConnectionEnd::Rejected(code)))
         }
     }
@@ -265,7 +297,7 @@ impl<'a, P: Provider> Session<'a, P> {
                             tracing::warn!("protocol fault from the gateway: {}", err.message);
                             let message = err.message.clone();
                             let _ = writer.queue(&ProviderMessage::Abort(err));
-                            let _ = writer.shutdown().await;
+                            let _ = shutdown_within(&mut writer, self.options.write_timeout).await;
                             break ConnectionEnd::Fault(message);
                         }
                         Incoming::Request(req) => {
@@ -277,7 +309,7 @@ impl<'a, P: Provider> Session<'a, P> {
                                 );
                                 let message = err.message.clone();
                                 let _ = writer.queue(&ProviderMessage::Abort(err));
-                                let _ = writer.shutdown().await;
+                                let _ = shutdown_within(&mut writer, self.options.write_timeout).await;
                                 break ConnectionEnd::Fault(message);
                             }
                             match req.op {
@@ -309,7 +341,7 @@ impl<'a, P: Provider> Session<'a, P> {
                                         h.abort();
                                     }
                                     respond(&mut writer, id, Outcome::Ok(Reply::GoodbyeAck {}));
-                                    writer.shutdown().await?;
+                                    shutdown_within(&mut writer, self.options.write_timeout).await?;
                                     break ConnectionEnd::Goodbye;
                                 }
                                 op => match self.start(id, req.timeout_ms, op) {
@@ -334,7 +366,7 @@ impl<'a, P: Provider> Session<'a, P> {
                 handles.len() < self.options.max_in_flight && reader.has_buffered_frame();
             answered = false;
             if writer.has_pending() && !more_now {
-                writer.flush().await?;
+                flush_within(&mut writer, self.options.write_timeout).await?;
                 answered = std::mem::take(&mut replied);
             }
         };

@@ -261,3 +261,63 @@ async fn a_wrong_token_is_refused() {
         Ok(_) => panic!("a wrong token was accepted"),
     }
 }
+
+#[tokio::test]
+async fn a_gateway_that_stops_reading_ends_the_connection_within_the_write_timeout() {
+    use keyhole_protocol::Request;
+    use keyhole_providers::{ServeOptions, serve_connection};
+    use keyhole_transport::client::{HelloOptions, handshake};
+
+    // A small pipe, a gateway that sends requests and never reads an answer: the answers fill
+    // the pipe, and the provider's write waits. It must give up after the write timeout.
+    let (ours, theirs) = tokio::io::duplex(4096);
+    let token = keyhole_transport::generate_token().unwrap();
+    let provider_token = token.clone();
+    let (read, write) = tokio::io::split(theirs);
+    let options = ServeOptions {
+        write_timeout: Duration::from_millis(300),
+        ..ServeOptions::default()
+    };
+    let served = tokio::spawn(async move {
+        serve_connection(
+            Arc::new(Slow::default()),
+            Box::new(read),
+            Box::new(write),
+            &provider_token,
+            &options,
+        )
+        .await
+    });
+    let (read, write) = tokio::io::split(ours);
+    let (_reader, mut writer, _ack) = handshake(
+        Box::new(read),
+        Box::new(write),
+        &HelloOptions::new(token, Encoding::Bincode),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    // The gateway's own writes stall too once the provider stops reading: keep them apart.
+    let _requests = tokio::spawn(async move {
+        for id in 1..=10_000u64 {
+            let request = Request {
+                id,
+                timeout_ms: 5_000,
+                op: resolve(0),
+            };
+            if writer.queue(&request).is_err() || writer.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    let ended = tokio::time::timeout(Duration::from_secs(5), served)
+        .await
+        .expect("the provider gave up on the write")
+        .unwrap();
+    let err = ended.expect_err("a write that timed out ends the connection with an error");
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+    assert!(err.to_string().contains("read nothing"), "{err}");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+}
