@@ -59,11 +59,13 @@ impl GatewayClient {
                 majors: vec![API_MAJOR],
             })
             .map_err(|e| t(e.to_string()))?;
+        let started = tokio::time::Instant::now();
         writer
-            .flush()
+            .flush_within(deadline)
             .await
             .map_err(|e| t(format!("cannot talk to the gateway: {e}")))?;
-        let reply = tokio::time::timeout(deadline, reader.next())
+        let left = deadline.saturating_sub(started.elapsed());
+        let reply = tokio::time::timeout(left, reader.next())
             .await
             .map_err(|_| t("the gateway did not answer the hello in time".into()))?
             .map_err(|e| t(format!("the gateway broke the connection: {e}")))?
@@ -93,11 +95,13 @@ impl GatewayClient {
         self.writer
             .queue(&ApiRequest { id, op })
             .map_err(|e| t(format!("request not sent: {e}")))?;
+        let started = tokio::time::Instant::now();
         self.writer
-            .flush()
+            .flush_within(deadline)
             .await
             .map_err(|e| t(format!("the gateway connection broke: {e}")))?;
-        let frame = tokio::time::timeout(deadline, self.reader.next())
+        let left = deadline.saturating_sub(started.elapsed());
+        let frame = tokio::time::timeout(left, self.reader.next())
             .await
             .map_err(|_| t(format!("the gateway did not answer within {deadline:?}")))?
             .map_err(|e| t(format!("the gateway broke the connection: {e}")))?

@@ -574,6 +574,7 @@ async fn serve_gateway(mut config: Config, redactor: Redactor) -> Result<ExitCod
         redactor,
         default_provider: config.default_provider.clone(),
         call_timeout: config.call_timeout,
+        client_write_timeout: keyhole_gateway::server::CLIENT_WRITE_TIMEOUT,
         owner_uid,
     });
     let token =

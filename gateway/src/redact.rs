@@ -34,7 +34,7 @@ use std::pin::Pin;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::task::{Context, Poll, ready};
 
-use aho_corasick::{AhoCorasick, Input, MatchKind};
+use aho_corasick::{AhoCorasick, AhoCorasickKind, Input, MatchKind};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use base64::engine::{Config, GeneralPurpose};
@@ -47,6 +47,15 @@ pub const MIN_REDACT_LEN: usize = 4;
 /// What every redacted run of bytes is replaced with (ASCII, so it keeps text valid UTF-8).
 pub const REPLACEMENT: &[u8] = b"[REDACTED]";
 
+/// The most bytes of a form the automaton matches. A longer form is matched by its first
+/// `MAX_HEAD` bytes, its head, and an occurrence of the head covers as many bytes as the whole form
+/// has (or up to the end of the text), whatever they are. That bounds the automaton, the prefix
+/// index and the bytes a stream holds back by this length rather than by the longest value: a
+/// 32 KiB value's full forms took 70 s and a 1 MiB value's 1.8 GB to build. It redacts a long
+/// value printed only in part, as long as its head is there, and fails closed on text that shares
+/// the head and then differs (128 bytes of a value's encoding do not appear by chance).
+pub const MAX_HEAD: usize = 128;
+
 /// The shortest base64 fragment registered for a value embedded at an unaligned offset.
 ///
 /// Eight base64 characters carry 48 bits of the value, which keeps false positives negligible.
@@ -54,6 +63,26 @@ const MIN_BASE64_CORE_LEN: usize = 8;
 
 /// A buffer that holds secret bytes and is wiped when dropped.
 type Secret = Zeroizing<Vec<u8>>;
+
+/// A form of a value, as the automaton matches it: its head, and how many bytes it covers.
+struct Pattern {
+    /// The form's first [`MAX_HEAD`] bytes (all of it, if shorter).
+    head: Secret,
+    /// The whole form's length: what an occurrence of the head covers.
+    len: usize,
+}
+
+impl Pattern {
+    /// `form` cut to its head; the cut-off bytes are wiped.
+    fn of(mut form: Secret) -> Pattern {
+        let len = form.len();
+        if len > MAX_HEAD {
+            form[MAX_HEAD..].zeroize();
+            form.truncate(MAX_HEAD);
+        }
+        Pattern { head: form, len }
+    }
+}
 
 /// The set of secret values to redact, shared by all its clones.
 ///
@@ -69,8 +98,9 @@ pub struct Redactor {
 struct Shared {
     /// The registered values, raw (deduplicated).
     values: Vec<Secret>,
-    /// Every form of every value (deduplicated per value).
-    patterns: Vec<Secret>,
+    /// Every form of every value (deduplicated per value), as its head (at most [`MAX_HEAD`]
+    /// bytes) and the whole form's length.
+    patterns: Vec<Pattern>,
     /// The automaton for `patterns`, or `None` when it must be rebuilt.
     matcher: Option<Arc<Matcher>>,
 }
@@ -120,7 +150,7 @@ impl Redactor {
             return true;
         }
         shared.values.push(Zeroizing::new(value.to_vec()));
-        shared.patterns.extend(forms);
+        shared.patterns.extend(forms.into_iter().map(Pattern::of));
         shared.matcher = None;
         true
     }
@@ -236,44 +266,63 @@ enum Matcher {
 
 /// The automaton and prefix index of a non-empty pattern set.
 struct Ready {
-    /// Leftmost-longest matcher over all patterns. Its internal copies are not zeroized.
+    /// Leftmost-longest matcher over the patterns' heads. Its internal copies are not zeroized.
     automaton: AhoCorasick,
+    /// For each of the automaton's patterns (a head), how many bytes an occurrence covers: the
+    /// longest whole form with that head.
+    covers: Vec<usize>,
+    /// The largest of `covers`.
+    max_cover: usize,
     /// Tells how much of a buffer's tail could still start an occurrence.
     prefixes: PrefixIndex,
 }
 
 impl Matcher {
-    fn build(patterns: &[Secret]) -> Matcher {
-        let mut sorted: Vec<&[u8]> = patterns
+    fn build(patterns: &[Pattern]) -> Matcher {
+        let mut heads: Vec<(&[u8], usize)> = patterns
             .iter()
-            .map(|p| p.as_slice())
-            .filter(|p| !p.is_empty())
+            .map(|p| (p.head.as_slice(), p.len))
+            .filter(|(head, _)| !head.is_empty())
             .collect();
-        if sorted.is_empty() {
+        if heads.is_empty() {
             return Matcher::Empty;
         }
-        sorted.sort_unstable();
-        sorted.dedup();
+        // By head, longest form first, so the dedup keeps what the longest form covers.
+        heads.sort_unstable_by(|a, b| a.0.cmp(b.0).then(b.1.cmp(&a.1)));
+        heads.dedup_by(|later, first| later.0 == first.0);
+        let sorted: Vec<&[u8]> = heads.iter().map(|(head, _)| *head).collect();
+        let covers: Vec<usize> = heads.iter().map(|(_, len)| *len).collect();
         let Some(prefixes) = PrefixIndex::build(&sorted) else {
             return Matcher::Unbuildable;
         };
         match AhoCorasick::builder()
             .match_kind(MatchKind::LeftmostLongest)
+            // Not a DFA: the automatic choice builds one for few patterns however long they
+            // are, which cost seconds and hundreds of MiB per KiB of heads.
+            .kind(Some(AhoCorasickKind::ContiguousNFA))
             .build(&sorted)
         {
             Ok(automaton) => Matcher::Ready(Ready {
                 automaton,
+                max_cover: covers.iter().copied().max().unwrap_or(0),
+                covers,
                 prefixes,
             }),
             Err(_) => Matcher::Unbuildable,
         }
     }
 
-    /// The redacted runs of a whole input (no continuation expected).
+    /// The redacted runs of a whole input (no continuation expected), within it.
     fn redact_runs(&self, input: &[u8]) -> Result<Vec<(usize, usize)>, Unredactable> {
         match self {
             Matcher::Empty => Ok(Vec::new()),
-            Matcher::Ready(ready) => ready.covered_runs(input, input.len(), 0),
+            Matcher::Ready(ready) => {
+                let mut runs = ready.covered_runs(input, input.len(), 0)?;
+                for run in &mut runs {
+                    run.1 = run.1.min(input.len());
+                }
+                Ok(runs)
+            }
             Matcher::Unbuildable if input.is_empty() => Ok(Vec::new()),
             Matcher::Unbuildable => Err(Unredactable),
         }
@@ -334,8 +383,9 @@ impl Ready {
     /// The union of all occurrences in `buf` that start before `limit`, as sorted, disjoint,
     /// non-touching `(start, end)` runs, together with the covered prefix `[0, carry)`.
     ///
-    /// Every occurrence that starts before `limit` lies entirely inside `buf` (that is what
-    /// `limit` guarantees), so these runs are final.
+    /// Every head that starts before `limit` lies entirely inside `buf` (that is what `limit`
+    /// guarantees), so these runs are final. What a head covers may reach past the end of `buf`
+    /// (a run's end can exceed `buf.len()`): in a stream, that is the next chunk's carry.
     fn covered_runs(
         &self,
         buf: &[u8],
@@ -344,7 +394,7 @@ impl Ready {
     ) -> Result<Vec<(usize, usize)>, Unredactable> {
         let mut runs: Vec<(usize, usize)> = Vec::new();
         if carry > 0 {
-            runs.push((0, carry.min(buf.len())));
+            runs.push((0, carry));
         }
         let mut from = 0;
         while from < limit {
@@ -359,11 +409,25 @@ impl Ready {
             if found.start() >= limit {
                 break;
             }
-            match runs.last_mut() {
-                Some(last) if found.start() <= last.1 => last.1 = last.1.max(found.end()),
-                _ => runs.push((found.start(), found.end())),
-            }
-            from = found.start() + 1;
+            let cover = self
+                .covers
+                .get(found.pattern().as_usize())
+                .copied()
+                .unwrap_or(found.len());
+            let end = found.start().saturating_add(cover.max(found.len()));
+            let run_end = match runs.last_mut() {
+                Some(last) if found.start() <= last.1 => {
+                    last.1 = last.1.max(end);
+                    last.1
+                }
+                _ => {
+                    runs.push((found.start(), end));
+                    end
+                }
+            };
+            // An occurrence starting at `p` ends by `p + max_cover`: one that starts early
+            // enough to end inside the current run cannot extend it, so skip those starts.
+            from = (found.start() + 1).max(run_end.saturating_sub(self.max_cover));
         }
         Ok(runs)
     }
@@ -1052,6 +1116,68 @@ mod tests {
             let cuts: Vec<usize> = (0..input.len()).collect();
             let out = stream_cut(&redactor, &input, &cuts);
             assert_eq!(out, b"a[REDACTED]z[REDACTED]".as_slice(), "{name}");
+        }
+    }
+
+    /// `len` pseudo-random bytes (xorshift): no window of a head's length recurs in them, so
+    /// the value's head occurs only where the value starts.
+    fn long_value(len: usize) -> Vec<u8> {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 24) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_long_value_is_matched_by_its_head_and_covered_whole() {
+        let value = long_value(300 * 1024);
+        let redactor = Redactor::new();
+        assert!(redactor.add(&value));
+        // The automaton, the prefix index and what a stream holds back stay within the head.
+        assert_eq!(max_pattern_len(&redactor), MAX_HEAD);
+        for form in [
+            value.clone(),
+            hex_encode(&value, b"0123456789abcdef").to_vec(),
+        ] {
+            let input = [b"before ".as_slice(), &form, b" after"].concat();
+            assert_eq!(&*redactor.redact(&input), b"before [REDACTED] after");
+            let cuts: Vec<usize> = (0..input.len()).step_by(4093).collect();
+            assert_eq!(
+                stream_cut(&redactor, &input, &cuts),
+                b"before [REDACTED] after"
+            );
+            // Printed in part: the head is enough, and what follows it is covered up to the
+            // form's length (here, the end of the text).
+            let cut_short = [b"before ".as_slice(), &form[..MAX_HEAD + 10], b" after"].concat();
+            assert_eq!(&*redactor.redact(&cut_short), b"before [REDACTED]");
+            assert_eq!(
+                stream_cut(&redactor, &cut_short, &[3, 200]),
+                b"before [REDACTED]"
+            );
+        }
+        // Less than a head is not an occurrence.
+        let input = [b"x ".as_slice(), &value[..MAX_HEAD - 1], b" y"].concat();
+        assert!(matches!(redactor.redact(&input), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn a_run_that_outlasts_the_chunk_carries_into_the_next() {
+        let value = long_value(1000);
+        let redactor = Redactor::new();
+        assert!(redactor.add(&value));
+        let input = [b"<".as_slice(), &value, b">", &value, b"!"].concat();
+        for step in [1, 7, 128, 129, 500, 999] {
+            let cuts: Vec<usize> = (0..input.len()).step_by(step).collect();
+            assert_eq!(
+                stream_cut(&redactor, &input, &cuts),
+                b"<[REDACTED]>[REDACTED]!",
+                "cut every {step}"
+            );
         }
     }
 

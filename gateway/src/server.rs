@@ -39,6 +39,9 @@ pub struct Gateway {
     pub default_provider: String,
     /// Deadline of each provider call.
     pub call_timeout: Duration,
+    /// How long an answer may wait for its client to read it ([`CLIENT_WRITE_TIMEOUT`] unless a
+    /// test shortens it).
+    pub client_write_timeout: Duration,
     /// The gateway's own uid: callers with it are the owner.
     pub owner_uid: u32,
 }
@@ -632,6 +635,11 @@ pub async fn serve(
     }
 }
 
+/// How long an answer may wait for its client to read it. A client that reads nothing for this
+/// long is stuck; its connection ends rather than hold the task and the answer (which may carry
+/// a value) for ever.
+pub const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
 async fn connection(
     gateway: Arc<Gateway>,
     read: BoxRead,
@@ -658,12 +666,12 @@ async fn connection(
     if let Some(message) = refused {
         tracing::warn!(uid, "refused a client: {message}");
         let _ = writer.queue(&ServerHello::Refused { message });
-        return writer.shutdown().await;
+        return writer.shutdown_within(gateway.client_write_timeout).await;
     }
     let _ = writer.queue(&ServerHello::Welcome {
         version: env!("CARGO_PKG_VERSION").into(),
     });
-    writer.flush().await?;
+    writer.flush_within(gateway.client_write_timeout).await?;
     reader.set_cap(DEFAULT_MAX_FRAME);
     writer.set_format(API_MAJOR, Encoding::Json, DEFAULT_MAX_FRAME);
     let caller = Caller {
@@ -702,6 +710,6 @@ async fn connection(
             };
             let _ = writer.queue(&fallback);
         }
-        writer.flush().await?;
+        writer.flush_within(gateway.client_write_timeout).await?;
     }
 }

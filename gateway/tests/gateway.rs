@@ -34,11 +34,15 @@ fn gateway_with(policy: Policy) -> Arc<Gateway> {
 
 /// A gateway whose one (and default) provider is `spec`.
 fn gateway_over(spec: ProviderSpec, policy: Policy) -> Arc<Gateway> {
+    Arc::new(unshared_gateway(spec, policy))
+}
+
+fn unshared_gateway(spec: ProviderSpec, policy: Policy) -> Gateway {
     let redactor = Redactor::new();
     let default_provider = spec.name.clone();
     let (manager, _events) = Manager::new(vec![spec], redactor.clone());
     let audit = Arc::new(AuditLog::open_in_memory().unwrap());
-    Arc::new(Gateway {
+    Gateway {
         manager,
         state: Arc::new(StateStore::open_in_memory().unwrap()),
         journal: keyhole_gateway::journal::Journal::start(Arc::clone(&audit)).unwrap(),
@@ -47,8 +51,9 @@ fn gateway_over(spec: ProviderSpec, policy: Policy) -> Arc<Gateway> {
         redactor,
         default_provider,
         call_timeout: Duration::from_secs(5),
+        client_write_timeout: keyhole_gateway::server::CLIENT_WRITE_TIMEOUT,
         owner_uid: OWNER,
-    })
+    }
 }
 
 fn put(name: &str, value: &[u8]) -> ApiOp {
@@ -529,4 +534,96 @@ async fn provider_text_that_carries_a_value_reaches_no_client() {
             assert!(!reply.contains(value), "{reply}");
         }
     }
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_dropped_after_the_write_timeout() {
+    use keyhole_gateway::api::{API_MAJOR, ApiRequest, ClientHello};
+    use keyhole_protocol::{DEFAULT_MAX_FRAME, HANDSHAKE_MAJOR, HANDSHAKE_MAX_FRAME};
+    use keyhole_transport::{FrameReader, FrameWriter, socket};
+
+    let spec = ProviderSpec::spawn("memory", workspace_bin("keyhole-provider-memory"), vec![]);
+    let mut gw = unshared_gateway(spec, Policy::owner_only());
+    gw.owner_uid = nix::unistd::geteuid().as_raw();
+    gw.client_write_timeout = Duration::from_millis(300);
+    let gw = Arc::new(gw);
+    let value = vec![b'v'; 32 * 1024];
+    let ApiReply::Put { handle, .. } = gw.handle(&OWNER_CALLER, put("big", &value)).await.unwrap()
+    else {
+        panic!()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    let path = dir.path().join("gw.sock");
+    let token = keyhole_transport::generate_token().unwrap();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let served = tokio::spawn({
+        let (gw, path, token) = (Arc::clone(&gw), path.clone(), token.clone());
+        async move {
+            keyhole_gateway::server::serve(
+                gw,
+                &path,
+                token,
+                move || {
+                    let _ = ready_tx.send(());
+                    Ok(())
+                },
+                std::future::pending(),
+            )
+            .await
+        }
+    });
+    if ready_rx.await.is_err() {
+        panic!("the gateway did not start: {:?}", served.await);
+    }
+    let (read, write) = socket::into_halves(socket::connect(&path).await.unwrap());
+    let mut reader = FrameReader::new(read, HANDSHAKE_MAX_FRAME);
+    let mut writer = FrameWriter::new(write, HANDSHAKE_MAJOR, Encoding::Json, HANDSHAKE_MAX_FRAME);
+    writer
+        .queue(&ClientHello {
+            token,
+            majors: vec![API_MAJOR],
+        })
+        .unwrap();
+    writer.flush().await.unwrap();
+    reader.next().await.unwrap().expect("the gateway's hello");
+    reader.set_cap(DEFAULT_MAX_FRAME);
+    writer.set_format(API_MAJOR, Encoding::Json, DEFAULT_MAX_FRAME);
+    // 200 answers of 32 KiB each are far more than the socket holds: the gateway's write waits
+    // for a reader that only comes back after the write timeout.
+    const ASKED: u64 = 200;
+    let requests = tokio::spawn(async move {
+        for id in 1..=ASKED {
+            let op = ApiOp::Resolve {
+                handles: vec![handle.clone()],
+                purpose: "p".into(),
+            };
+            writer.queue(&ApiRequest { id, op }).unwrap();
+            if writer.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut answers = 0;
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match reader.next().await {
+                Ok(Some(_)) => answers += 1,
+                other => return other.map(|_| ()),
+            }
+        }
+    })
+    .await
+    .expect("the gateway ended the connection");
+    assert!(
+        answers < ASKED,
+        "{answers} answers: the gateway waited for the reader"
+    );
+    drop(end);
+    requests.abort();
+    served.abort();
 }

@@ -7,7 +7,7 @@ use std::borrow::Cow;
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use keyhole_gateway::redact::{MIN_REDACT_LEN, REPLACEMENT, RedactingWriter, Redactor};
+use keyhole_gateway::redact::{MAX_HEAD, MIN_REDACT_LEN, REPLACEMENT, RedactingWriter, Redactor};
 use proptest::prelude::*;
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -110,6 +110,28 @@ mod redact_properties {
             prop_assert_eq!(&streamed, &one_shot);
             prop_assert!(!contains(&streamed, &value));
             prop_assert!(contains(&streamed, REPLACEMENT));
+        }
+
+        #[test]
+        fn values_longer_than_a_head_streamed_equal_one_shot_and_exactly_the_occurrences(
+            value in proptest::collection::vec(any::<u8>(), MAX_HEAD - 20..3 * MAX_HEAD),
+            before in proptest::collection::vec((any::<bool>(), any::<u8>()), 0..64),
+            after in proptest::collection::vec((any::<bool>(), any::<u8>()), 0..64),
+            copies in 1usize..4,
+            cuts in proptest::collection::vec(0usize..1500, 0..40),
+        ) {
+            // Forms longer than MAX_HEAD are matched by their heads. Random text does not spell
+            // a head, so what is covered is exactly the union of the value's occurrences.
+            let redactor = Redactor::new();
+            prop_assert!(redactor.add(&value));
+            let mut input = text(&value, &before);
+            for _ in 0..copies {
+                input.extend_from_slice(&value);
+                input.extend(text(&value, &after));
+            }
+            let one_shot = redactor.redact(&input).into_owned();
+            prop_assert_eq!(&one_shot, &reference(&input, std::slice::from_ref(&value)));
+            prop_assert_eq!(stream_cut(&redactor, &input, &cuts), one_shot);
         }
 
         #[test]

@@ -57,34 +57,6 @@ impl Default for ServeOptions {
     }
 }
 
-/// Writes what `writer` holds, within `deadline`. A timed-out write leaves a partial frame on
-/// the connection, which is therefore ended by the caller, never reused.
-async fn flush_within(
-    writer: &mut FrameWriter<BoxWrite>,
-    deadline: Duration,
-) -> std::io::Result<()> {
-    tokio::time::timeout(deadline, writer.flush())
-        .await
-        .unwrap_or_else(|_| Err(stopped_reading(deadline)))
-}
-
-/// Shuts `writer` down (flushing it first) within `deadline`.
-async fn shutdown_within(
-    writer: &mut FrameWriter<BoxWrite>,
-    deadline: Duration,
-) -> std::io::Result<()> {
-    tokio::time::timeout(deadline, writer.shutdown())
-        .await
-        .unwrap_or_else(|_| Err(stopped_reading(deadline)))
-}
-
-fn stopped_reading(deadline: Duration) -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        format!("the gateway read nothing for {deadline:?}; closing the connection"),
-    )
-}
-
 /// How a connection ended.
 #[derive(Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -187,7 +159,7 @@ async fn handshake<P: Provider>(
                 max_frame: options.max_frame,
             };
             queue_or_log(writer, &HelloReply::Accept(ack.clone()));
-            flush_within(writer, options.write_timeout).await?;
+            writer.flush_within(options.write_timeout).await?;
             writer.set_format(major, encoding, peer_cap);
             Ok(Ok(ack))
         }
@@ -195,7 +167,7 @@ async fn handshake<P: Provider>(
             tracing::warn!(code = ?rejection.code, "handshake refused: {}", rejection.message);
             let code = rejection.code;
             queue_or_log(writer, &HelloReply::Reject(rejection));
-            let _ = shutdown_within(writer, options.write_timeout).await;
+            let _ = writer.shutdown_within(options.write_timeout).await;
             Ok(Err(ConnectionEnd::Rejected(code)))
         }
     }
@@ -297,7 +269,7 @@ impl<'a, P: Provider> Session<'a, P> {
                             tracing::warn!("protocol fault from the gateway: {}", err.message);
                             let message = err.message.clone();
                             let _ = writer.queue(&ProviderMessage::Abort(err));
-                            let _ = shutdown_within(&mut writer, self.options.write_timeout).await;
+                            let _ = writer.shutdown_within(self.options.write_timeout).await;
                             break ConnectionEnd::Fault(message);
                         }
                         Incoming::Request(req) => {
@@ -309,7 +281,7 @@ impl<'a, P: Provider> Session<'a, P> {
                                 );
                                 let message = err.message.clone();
                                 let _ = writer.queue(&ProviderMessage::Abort(err));
-                                let _ = shutdown_within(&mut writer, self.options.write_timeout).await;
+                                let _ = writer.shutdown_within(self.options.write_timeout).await;
                                 break ConnectionEnd::Fault(message);
                             }
                             match req.op {
@@ -341,7 +313,7 @@ impl<'a, P: Provider> Session<'a, P> {
                                         h.abort();
                                     }
                                     respond(&mut writer, id, Outcome::Ok(Reply::GoodbyeAck {}));
-                                    shutdown_within(&mut writer, self.options.write_timeout).await?;
+                                    writer.shutdown_within(self.options.write_timeout).await?;
                                     break ConnectionEnd::Goodbye;
                                 }
                                 op => match self.start(id, req.timeout_ms, op) {
@@ -366,7 +338,7 @@ impl<'a, P: Provider> Session<'a, P> {
                 handles.len() < self.options.max_in_flight && reader.has_buffered_frame();
             answered = false;
             if writer.has_pending() && !more_now {
-                flush_within(&mut writer, self.options.write_timeout).await?;
+                writer.flush_within(self.options.write_timeout).await?;
                 answered = std::mem::take(&mut replied);
             }
         };

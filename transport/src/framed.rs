@@ -3,6 +3,8 @@
 use keyhole_protocol::{
     EncodeError, Encoding, FrameError, FrameHeader, HEADER_LEN, Peek, encode_frame, peek,
 };
+use std::time::Duration;
+
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use zeroize::{Zeroize, Zeroizing};
@@ -146,6 +148,8 @@ pub struct FrameWriter<W> {
     major: u16,
     encoding: Encoding,
     peer_cap: u32,
+    /// Set when a write timed out: part of a frame may be on the connection.
+    broken: bool,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
@@ -157,6 +161,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
             major,
             encoding,
             peer_cap,
+            broken: false,
         }
     }
 
@@ -189,6 +194,12 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
     /// Writes the batch out and zeroizes it.
     pub async fn flush(&mut self) -> std::io::Result<()> {
+        if self.broken {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "an earlier write timed out part-way: the connection cannot carry more frames",
+            ));
+        }
         if self.buf.is_empty() {
             return Ok(());
         }
@@ -207,12 +218,61 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.flush().await?;
         self.io.shutdown().await
     }
+
+    /// [`flush`](Self::flush) within `deadline`: a peer that reads nothing for that long is
+    /// stuck, and waiting on it would hold the writer for ever. A write that times out may have
+    /// sent part of a frame, so the writer breaks: its batch is wiped, and every later write
+    /// fails. End the connection.
+    pub async fn flush_within(&mut self, deadline: Duration) -> std::io::Result<()> {
+        match tokio::time::timeout(deadline, self.flush()).await {
+            Ok(result) => result,
+            Err(_) => Err(self.break_off(deadline)),
+        }
+    }
+
+    /// [`shutdown`](Self::shutdown) within `deadline`, breaking the writer the same way.
+    pub async fn shutdown_within(&mut self, deadline: Duration) -> std::io::Result<()> {
+        match tokio::time::timeout(deadline, self.shutdown()).await {
+            Ok(result) => result,
+            Err(_) => Err(self.break_off(deadline)),
+        }
+    }
+
+    fn break_off(&mut self, deadline: Duration) -> std::io::Error {
+        self.broken = true;
+        self.buf.as_mut_slice().zeroize();
+        self.buf.clear();
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the peer read nothing for {deadline:?}; the connection is given up"),
+        )
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use keyhole_protocol::{DEFAULT_MAX_FRAME, Op, Request, decode};
+
+    #[tokio::test]
+    async fn a_write_the_peer_never_reads_times_out_and_breaks_the_writer() {
+        let (a, _b) = tokio::io::duplex(64); // `_b` is never read
+        let mut w = FrameWriter::new(a, 1, Encoding::Json, DEFAULT_MAX_FRAME);
+        w.queue_raw(&[7u8; 4096]);
+        let started = std::time::Instant::now();
+        let err = w
+            .flush_within(Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        assert!(!w.has_pending(), "the batch is wiped");
+        w.queue_raw(b"more");
+        let again = w.flush().await.unwrap_err();
+        assert_eq!(again.kind(), std::io::ErrorKind::BrokenPipe, "{again}");
+        let shut = w.shutdown_within(Duration::from_secs(1)).await.unwrap_err();
+        assert_eq!(shut.kind(), std::io::ErrorKind::BrokenPipe, "{shut}");
+    }
 
     #[tokio::test]
     async fn frames_cross_a_pipe_in_pieces() {
