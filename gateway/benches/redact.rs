@@ -44,11 +44,9 @@ fn register_and_build(c: &mut Criterion) {
 }
 
 fn redact_output(c: &mut Criterion) {
-    let mut group = c.benchmark_group("redactor: redact 4 KiB of output holding none of the values");
-    let text: Vec<u8> = value(4096, 99)
-        .into_iter()
-        .map(|b| b'a' + b % 26)
-        .collect();
+    let mut group =
+        c.benchmark_group("redactor: redact 4 KiB of output holding none of the values");
+    let text: Vec<u8> = value(4096, 99).into_iter().map(|b| b'a' + b % 26).collect();
     for count in [1usize, 100, 1000] {
         let redactor = Redactor::new();
         for seed in 0..count as u64 {

@@ -97,8 +97,21 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
 pub async fn listen(path: &Path) -> io::Result<Listener> {
     #[cfg(unix)]
     {
+        use std::os::unix::fs::FileTypeExt;
         ensure_private_parent(path)?;
-        if path.exists() {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            // Only a stale socket is ours to replace: a misconfigured path must not delete a
+            // file (or the target of a link) that happens to be there.
+            if !meta.file_type().is_socket() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!(
+                        "{} exists and is not a socket; keyhole will not remove it (choose \
+                         another path, or remove it yourself)",
+                        path.display()
+                    ),
+                ));
+            }
             if connect(path).await.is_ok() {
                 return Err(io::Error::new(
                     io::ErrorKind::AddrInUse,
@@ -302,5 +315,28 @@ mod tests {
         let path = dir.socket_path();
         let _first = listen(&path).await.unwrap();
         assert!(listen(&path).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_stale_socket_is_replaced_but_another_file_is_left_alone() {
+        let dir = PrivateDir::new().unwrap();
+        let path = dir.socket_path();
+        drop(listen(&path).await.unwrap()); // leaves a socket file nobody listens on
+        let _again = listen(&path).await.unwrap();
+        drop(_again);
+
+        let precious = dir.path().join("notes.txt");
+        std::fs::write(&precious, b"keep me").unwrap();
+        let err = listen(&precious).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
+        assert!(err.to_string().contains("not a socket"), "{err}");
+        assert_eq!(std::fs::read(&precious).unwrap(), b"keep me");
+
+        let link = dir.path().join("link.sock");
+        std::os::unix::fs::symlink(&precious, &link).unwrap();
+        let err = listen(&link).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
+        assert!(std::fs::symlink_metadata(&link).is_ok(), "the link stays");
+        assert_eq!(std::fs::read(&precious).unwrap(), b"keep me");
     }
 }
