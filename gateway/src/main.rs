@@ -455,8 +455,26 @@ async fn run_command(
         .wait()
         .await
         .map_err(|e| format!("waiting for the command failed: {e}"))?;
-    for task in [out, err].into_iter().flatten() {
-        let _ = task.await;
+    // A process the command started in the background may hold its output open for ever; once
+    // the command has exited, its output gets a bounded moment to drain. A pump stopped then
+    // drops what its redactor held back (it may be the start of a value) rather than print it.
+    let drain_until = tokio::time::Instant::now() + OUTPUT_DRAIN;
+    let mut abandoned = false;
+    for mut task in [out, err].into_iter().flatten() {
+        if tokio::time::timeout_at(drain_until, &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+            abandoned = true;
+        }
+    }
+    if abandoned {
+        eprintln!(
+            "keyhole: {} exited, but a process it started still holds its output open; \
+             stopped relaying that output after {OUTPUT_DRAIN:?}",
+            program.to_string_lossy()
+        );
     }
     if let Some(code) = status.code() {
         return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
@@ -470,6 +488,9 @@ async fn run_command(
     }
     Ok(ExitCode::from(1))
 }
+
+/// How long `keyhole run` relays output after its command exits, for what is still in the pipes.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 
 /// Copies a child's output to ours through the redactor, safe across split writes.
 async fn pump(mut from: impl tokio::io::AsyncRead + Unpin, mut to: impl Write, redactor: Redactor) {

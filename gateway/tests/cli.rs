@@ -285,6 +285,43 @@ fn put_then_run_injects_and_redacts() {
 }
 
 #[test]
+fn run_returns_when_its_command_exits_though_a_background_process_keeps_the_output_open() {
+    let gw = Gateway::start();
+    let put = gw.keyhole(&["put", "bg/token"], b"kh-canary-background-51f0\n");
+    assert!(put.status.success(), "{}", text(&put));
+    let handle = String::from_utf8(put.stdout.clone())
+        .unwrap()
+        .trim()
+        .to_string();
+    let started = Instant::now();
+    // The background `sleep` inherits stdout and stderr and outlives the command by far.
+    let run = gw.keyhole(
+        &[
+            "run",
+            "--env",
+            &format!("T={handle}"),
+            "--",
+            "sh",
+            "-c",
+            "sleep 60 & echo \"before $T\"; exit 7",
+        ],
+        b"",
+    );
+    let took = started.elapsed();
+    assert_eq!(run.status.code(), Some(7), "{}", text(&run));
+    assert!(took < Duration::from_secs(30), "keyhole run took {took:?}");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.contains("before [REDACTED]"), "{}", text(&run));
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains("still holds its output open"),
+        "{}",
+        text(&run)
+    );
+    gw.stop();
+}
+
+#[test]
 fn a_handle_that_does_not_exist_says_so() {
     let gw = Gateway::start();
     let out = gw.keyhole(&["describe", "kh_aaaaaaaaaaaaaaaaaaaaaaaaaa"], b"");
