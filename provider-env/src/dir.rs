@@ -83,6 +83,8 @@ pub enum KeyError {
     Dangling,
     /// The file is larger than the limit.
     TooLarge(u64, usize),
+    /// The key is a symbolic link to a file outside the directory.
+    Outside,
 }
 
 impl KeyError {
@@ -109,6 +111,10 @@ impl KeyError {
             KeyError::TooLarge(len, limit) => (
                 ErrorCode::TooLarge,
                 format!("is {len} bytes, over this provider's {limit}-byte limit"),
+            ),
+            KeyError::Outside => (
+                ErrorCode::PermissionDenied,
+                "is a symbolic link to a file outside the directory, which is not served".into(),
             ),
         }
     }
@@ -193,6 +199,15 @@ impl DirSource {
     fn layout(&self) -> Result<Layout, DirError> {
         let data = self.path.join(DATA_LINK);
         match std::fs::read_link(&data) {
+            // The kubelet's link names a sibling generation directory; anything else could
+            // serve files from anywhere as keys.
+            Ok(link) if !is_generation(&link) => Err(DirError::Io(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{DATA_LINK} points to {}, not to a directory beside it",
+                    link.display()
+                ),
+            ))),
             Ok(link) => Ok(Layout::Kubelet {
                 target: self.path.join(&link),
                 link,
@@ -261,8 +276,10 @@ impl DirSource {
 
     /// Reads `key` from the current generation: `Ok(None)` if it has no such key.
     pub fn read_key(&self, key: &str, limit: usize) -> Result<Option<Value>, ReadError> {
+        let root =
+            std::fs::canonicalize(&self.path).map_err(|e| ReadError::Dir(DirError::Io(e)))?;
         let result = self.consistent(
-            |base| Ok(read_in(base, key, limit)),
+            |base| Ok(read_in(&root, base, key, limit)),
             // A successful read came from an immutable generation directory: it is consistent
             // whether or not `..data` has moved since.
             |r| r.as_ref().is_ok_and(Option::is_some),
@@ -279,6 +296,7 @@ impl DirSource {
         self.consistent(
             |base| {
                 let mut scan = Scan::default();
+                let root = std::fs::canonicalize(&self.path).map_err(DirError::Io)?;
                 for entry in std::fs::read_dir(base).map_err(DirError::Io)? {
                     let entry = entry.map_err(DirError::Io)?;
                     let file_name = entry.file_name();
@@ -301,7 +319,7 @@ impl DirSource {
                         ));
                         continue;
                     }
-                    let meta = match read_in(base, key, limit) {
+                    let meta = match read_in(&root, base, key, limit) {
                         Ok(Some(v)) => Ok(KeyMeta {
                             key: key.to_string(),
                             version: version_of(&name, v.bytes.expose()),
@@ -323,10 +341,22 @@ impl DirSource {
     }
 }
 
-/// Reads the key `key` of the directory `base`: `Ok(None)` if there is no such entry.
-fn read_in(base: &Path, key: &str, limit: usize) -> Result<Option<Value>, KeyError> {
+/// Whether `..data`'s target is one directory beside it (`..2026_11_22_...`): one plain
+/// component, no `/`, not `.` or `..`.
+fn is_generation(link: &Path) -> bool {
+    let mut parts = link.components();
+    matches!(
+        (parts.next(), parts.next()),
+        (Some(std::path::Component::Normal(_)), None)
+    )
+}
+
+/// Reads the key `key` of the directory `base`: `Ok(None)` if there is no such entry. The file
+/// read must lie inside `root` (the served directory, canonical): a key that is a link to a file
+/// elsewhere is [`KeyError::Outside`].
+fn read_in(root: &Path, base: &Path, key: &str, limit: usize) -> Result<Option<Value>, KeyError> {
     let path = base.join(OsStr::new(key));
-    match read_value(&path, limit) {
+    match read_value(root, &path, limit) {
         Ok(v) => Ok(Some(v)),
         Err(KeyError::Io(e)) if e.kind() == io::ErrorKind::NotFound => {
             if std::fs::symlink_metadata(&path).is_ok() {
@@ -339,8 +369,8 @@ fn read_in(base: &Path, key: &str, limit: usize) -> Result<Option<Value>, KeyErr
     }
 }
 
-/// Reads a whole regular file of at most `limit` bytes into zeroizing memory.
-fn read_value(path: &Path, limit: usize) -> Result<Value, KeyError> {
+/// Reads a whole regular file of at most `limit` bytes, inside `root`, into zeroizing memory.
+fn read_value(root: &Path, path: &Path, limit: usize) -> Result<Value, KeyError> {
     // O_NONBLOCK: opening a FIFO must not hang; it has no effect on regular files.
     let mut file = OpenOptions::new()
         .read(true)
@@ -348,6 +378,17 @@ fn read_value(path: &Path, limit: usize) -> Result<Value, KeyError> {
         .open(path)
         .map_err(KeyError::Io)?;
     let meta = file.metadata().map_err(KeyError::Io)?;
+    // The file opened must be the one the path resolves to inside `root` now: a link out of the
+    // directory is refused, and so is a path that changed between the open and this check.
+    let inside = std::fs::canonicalize(path).is_ok_and(|real| {
+        use std::os::unix::fs::MetadataExt;
+        real.starts_with(root)
+            && std::fs::metadata(&real)
+                .is_ok_and(|m| (m.dev(), m.ino()) == (meta.dev(), meta.ino()))
+    });
+    if !inside {
+        return Err(KeyError::Outside);
+    }
     if meta.is_dir() {
         return Err(KeyError::Directory);
     }

@@ -539,3 +539,56 @@ fn a_missing_directory_is_refused_at_start() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn links_out_of_the_directory_are_not_followed() {
+    // Outside the served directories: a file that must never be served through them.
+    let outside = tempfile::tempdir().unwrap();
+    let secret = b"kh-outside-the-volume-0c4e";
+    std::fs::write(outside.path().join("shadow"), secret).unwrap();
+    std::fs::create_dir(outside.path().join("gen")).unwrap();
+    std::fs::write(outside.path().join("gen").join("password"), secret).unwrap();
+
+    // Plain files: a link inside the directory is served, a link out of it is not.
+    let flat = tempfile::tempdir().unwrap();
+    std::fs::write(flat.path().join("real"), b"inside").unwrap();
+    symlink(flat.path().join("real"), flat.path().join("alias")).unwrap();
+    symlink(outside.path().join("shadow"), flat.path().join("escape")).unwrap();
+    // Kubelet layout whose `..data` points out of the directory.
+    let hijacked = tempfile::tempdir().unwrap();
+    symlink(outside.path().join("gen"), hijacked.path().join("..data")).unwrap();
+    symlink("..data/password", hijacked.path().join("password")).unwrap();
+
+    let p = start(
+        &[
+            "--no-env".into(),
+            "--dir".into(),
+            OsString::from(format!("f/={}", flat.path().display())),
+            "--dir".into(),
+            OsString::from(format!("k/={}", hijacked.path().display())),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(
+        p.resolve("f/alias", None).await.unwrap().0.expose(),
+        b"inside"
+    );
+    let fdir = flat.path().display().to_string();
+    let e = p.resolve("f/escape", None).await.unwrap_err();
+    assert_error(
+        &e,
+        ErrorCode::PermissionDenied,
+        &["\"escape\"", &fdir, "outside the directory"],
+    );
+    let e = p.resolve("k/password", None).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::Unavailable, "{e}");
+    assert!(e.message.contains("..data points to"), "{e}");
+    let names: Vec<String> = p.list("").await.into_iter().map(|d| d.name).collect();
+    assert_eq!(names, ["f/alias", "f/real"]);
+    let stderr = p.stop().await;
+    assert!(
+        !String::from_utf8_lossy(&stderr).contains(std::str::from_utf8(secret).unwrap()),
+        "the outside file's content reached the log"
+    );
+}
