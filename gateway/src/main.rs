@@ -443,36 +443,36 @@ async fn run_command(
     let mut child = child
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", program.to_string_lossy()))?;
-    let out = child
-        .stdout
-        .take()
-        .map(|s| tokio::spawn(pump(s, std::io::stdout(), redactor.clone())));
-    let err = child
-        .stderr
-        .take()
-        .map(|s| tokio::spawn(pump(s, std::io::stderr(), redactor.clone())));
+    let (exited_tx, exited) = tokio::sync::watch::channel(false);
+    let out = child.stdout.take().map(|s| {
+        tokio::spawn(pump(
+            s,
+            tokio::io::stdout(),
+            redactor.clone(),
+            exited.clone(),
+        ))
+    });
+    let err = child.stderr.take().map(|s| {
+        tokio::spawn(pump(
+            s,
+            tokio::io::stderr(),
+            redactor.clone(),
+            exited.clone(),
+        ))
+    });
     let status = child
         .wait()
         .await
         .map_err(|e| format!("waiting for the command failed: {e}"))?;
-    // A process the command started in the background may hold its output open for ever; once
-    // the command has exited, its output gets a bounded moment to drain. A pump stopped then
-    // drops what its redactor held back (it may be the start of a value) rather than print it.
-    let drain_until = tokio::time::Instant::now() + OUTPUT_DRAIN;
+    let _ = exited_tx.send(true);
     let mut abandoned = false;
-    for mut task in [out, err].into_iter().flatten() {
-        if tokio::time::timeout_at(drain_until, &mut task)
-            .await
-            .is_err()
-        {
-            task.abort();
-            abandoned = true;
-        }
+    for task in [out, err].into_iter().flatten() {
+        abandoned |= task.await.unwrap_or(false);
     }
     if abandoned {
         eprintln!(
             "keyhole: {} exited, but a process it started still holds its output open; \
-             stopped relaying that output after {OUTPUT_DRAIN:?}",
+             stopped relaying it when it had been quiet for {OUTPUT_DRAIN:?}",
             program.to_string_lossy()
         );
     }
@@ -489,24 +489,49 @@ async fn run_command(
     Ok(ExitCode::from(1))
 }
 
-/// How long `keyhole run` relays output after its command exits, for what is still in the pipes.
+/// How long `keyhole run` waits, once its command has exited, for more of its output: a process
+/// the command started in the background may hold the pipe open for ever.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 
-/// Copies a child's output to ours through the redactor, safe across split writes.
-async fn pump(mut from: impl tokio::io::AsyncRead + Unpin, mut to: impl Write, redactor: Redactor) {
-    use tokio::io::AsyncReadExt;
+/// Copies a child's output to ours through the redactor, safe across split writes. Once
+/// `exited` says the command has exited, a read that brings nothing for [`OUTPUT_DRAIN`] ends the
+/// relay: then what the redactor held back (it may be the start of a value) is dropped, not
+/// printed, and the result is `true` (abandoned).
+async fn pump(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    mut to: impl tokio::io::AsyncWrite + Unpin,
+    redactor: Redactor,
+    mut exited: tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = redactor.stream();
     let mut buf = vec![0u8; 8192];
     loop {
-        match from.read(&mut buf).await {
+        let read = if *exited.borrow() {
+            match tokio::time::timeout(OUTPUT_DRAIN, from.read(&mut buf)).await {
+                Ok(read) => read,
+                Err(_) => return true,
+            }
+        } else {
+            tokio::select! {
+                read = from.read(&mut buf) => read,
+                // Reading is cancel-safe: nothing read is lost by going round again.
+                _ = exited.changed() => continue,
+            }
+        };
+        match read {
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 let clean = stream.push(&buf[..n]);
-                let _ = to.write_all(&clean).and_then(|()| to.flush());
+                if to.write_all(&clean).await.is_err() || to.flush().await.is_err() {
+                    break;
+                }
             }
         }
     }
-    let _ = to.write_all(&stream.finish()).and_then(|()| to.flush());
+    let _ = to.write_all(&stream.finish()).await;
+    let _ = to.flush().await;
+    false
 }
 
 /// `keyhole serve`.

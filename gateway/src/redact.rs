@@ -53,7 +53,9 @@ pub const REPLACEMENT: &[u8] = b"[REDACTED]";
 /// index and the bytes a stream holds back by this length rather than by the longest value: a
 /// 32 KiB value's full forms took 70 s and a 1 MiB value's 1.8 GB to build. It redacts a long
 /// value printed only in part, as long as its head is there, and fails closed on text that shares
-/// the head and then differs (128 bytes of a value's encoding do not appear by chance).
+/// the head and then differs (128 bytes of a value's encoding do not appear by chance). Forms that
+/// share a head cover the longest one's length: an occurrence of a shorter one (base64 without its
+/// padding, a raw value whose JSON escape is longer) also covers the few bytes after it.
 pub const MAX_HEAD: usize = 128;
 
 /// The shortest base64 fragment registered for a value embedded at an unaligned offset.

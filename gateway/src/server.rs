@@ -635,9 +635,8 @@ pub async fn serve(
     }
 }
 
-/// How long an answer may wait for its client to read it. A client that reads nothing for this
-/// long is stuck; its connection ends rather than hold the task and the answer (which may carry
-/// a value) for ever.
+/// How long an answer may take to write. A client that has not taken it by then is stuck; its
+/// connection ends rather than hold the task and the answer (which may carry a value) for ever.
 pub const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn connection(

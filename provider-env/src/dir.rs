@@ -201,13 +201,19 @@ impl DirSource {
         match std::fs::read_link(&data) {
             // The kubelet's link names a sibling generation directory; anything else could
             // serve files from anywhere as keys.
-            Ok(link) if !is_generation(&link) => Err(DirError::Io(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                format!(
-                    "{DATA_LINK} points to {}, not to a directory beside it",
-                    link.display()
-                ),
-            ))),
+            Ok(link)
+                if !is_generation(&link)
+                    || std::fs::symlink_metadata(self.path.join(&link))
+                        .is_ok_and(|m| m.file_type().is_symlink()) =>
+            {
+                Err(DirError::Io(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{DATA_LINK} points to {}, not to a directory beside it",
+                        link.display()
+                    ),
+                )))
+            }
             Ok(link) => Ok(Layout::Kubelet {
                 target: self.path.join(&link),
                 link,
@@ -370,25 +376,24 @@ fn read_in(root: &Path, base: &Path, key: &str, limit: usize) -> Result<Option<V
 }
 
 /// Reads a whole regular file of at most `limit` bytes, inside `root`, into zeroizing memory.
+///
+/// The path is resolved first and must lie inside `root`: a link out of the directory is refused
+/// before anything outside is opened. The resolved path is then opened without following a link
+/// in its last component, so a file swapped for a link meanwhile fails rather than leads out.
+/// (A directory inside `root` swapped for a link between the two steps is not caught: that needs
+/// `openat2` with `RESOLVE_BENEATH`, and write access to the served directory.)
 fn read_value(root: &Path, path: &Path, limit: usize) -> Result<Value, KeyError> {
+    let real = std::fs::canonicalize(path).map_err(KeyError::Io)?;
+    if !real.starts_with(root) {
+        return Err(KeyError::Outside);
+    }
     // O_NONBLOCK: opening a FIFO must not hang; it has no effect on regular files.
     let mut file = OpenOptions::new()
         .read(true)
-        .custom_flags(nix::libc::O_NONBLOCK)
-        .open(path)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW)
+        .open(&real)
         .map_err(KeyError::Io)?;
     let meta = file.metadata().map_err(KeyError::Io)?;
-    // The file opened must be the one the path resolves to inside `root` now: a link out of the
-    // directory is refused, and so is a path that changed between the open and this check.
-    let inside = std::fs::canonicalize(path).is_ok_and(|real| {
-        use std::os::unix::fs::MetadataExt;
-        real.starts_with(root)
-            && std::fs::metadata(&real)
-                .is_ok_and(|m| (m.dev(), m.ino()) == (meta.dev(), meta.ino()))
-    });
-    if !inside {
-        return Err(KeyError::Outside);
-    }
     if meta.is_dir() {
         return Err(KeyError::Directory);
     }

@@ -558,6 +558,10 @@ async fn links_out_of_the_directory_are_not_followed() {
     let hijacked = tempfile::tempdir().unwrap();
     symlink(outside.path().join("gen"), hijacked.path().join("..data")).unwrap();
     symlink("..data/password", hijacked.path().join("password")).unwrap();
+    // ... or at a sibling that is itself a link out.
+    let relayed = tempfile::tempdir().unwrap();
+    symlink(outside.path().join("gen"), relayed.path().join("..gen")).unwrap();
+    symlink("..gen", relayed.path().join("..data")).unwrap();
 
     let p = start(
         &[
@@ -566,6 +570,8 @@ async fn links_out_of_the_directory_are_not_followed() {
             OsString::from(format!("f/={}", flat.path().display())),
             "--dir".into(),
             OsString::from(format!("k/={}", hijacked.path().display())),
+            "--dir".into(),
+            OsString::from(format!("s/={}", relayed.path().display())),
         ],
         &[],
     )
@@ -581,9 +587,11 @@ async fn links_out_of_the_directory_are_not_followed() {
         ErrorCode::PermissionDenied,
         &["\"escape\"", &fdir, "outside the directory"],
     );
-    let e = p.resolve("k/password", None).await.unwrap_err();
-    assert_eq!(e.code, ErrorCode::Unavailable, "{e}");
-    assert!(e.message.contains("..data points to"), "{e}");
+    for name in ["k/password", "s/password"] {
+        let e = p.resolve(name, None).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unavailable, "{e}");
+        assert!(e.message.contains("..data points to"), "{e}");
+    }
     let names: Vec<String> = p.list("").await.into_iter().map(|d| d.name).collect();
     assert_eq!(names, ["f/alias", "f/real"]);
     let stderr = p.stop().await;

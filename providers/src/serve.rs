@@ -39,8 +39,8 @@ pub struct ServeOptions {
     pub encodings: Vec<Encoding>,
     /// Protocol majors this provider speaks.
     pub majors: Vec<u16>,
-    /// How long one write to the gateway may wait for it to read. A gateway that reads nothing
-    /// for this long is wedged: the connection ends (`TimedOut`) rather than hold every request.
+    /// How long one batch of answers may take to write. A gateway that has not taken it by
+    /// then is wedged: the connection ends (`TimedOut`) rather than hold every request.
     pub write_timeout: Duration,
 }
 

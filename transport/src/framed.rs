@@ -219,8 +219,9 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.io.shutdown().await
     }
 
-    /// [`flush`](Self::flush) within `deadline`: a peer that reads nothing for that long is
-    /// stuck, and waiting on it would hold the writer for ever. A write that times out may have
+    /// [`flush`](Self::flush) within `deadline`, for the whole batch: a peer that has not taken
+    /// it by then is stuck (or too slow to serve), and waiting on it could hold the writer for
+    /// ever. A write that times out may have
     /// sent part of a frame, so the writer breaks: its batch is wiped, and every later write
     /// fails. End the connection.
     pub async fn flush_within(&mut self, deadline: Duration) -> std::io::Result<()> {
@@ -244,7 +245,9 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.buf.clear();
         std::io::Error::new(
             std::io::ErrorKind::TimedOut,
-            format!("the peer read nothing for {deadline:?}; the connection is given up"),
+            format!(
+                "the peer did not take what was written within {deadline:?}; the connection is given up"
+            ),
         )
     }
 }
