@@ -83,6 +83,21 @@ fn text(value: &[u8], picks: &[(bool, u8)]) -> Vec<u8> {
         .collect()
 }
 
+/// Text, then `copies` times the value followed by more text.
+fn with_copies(
+    value: &[u8],
+    before: &[(bool, u8)],
+    after: &[(bool, u8)],
+    copies: usize,
+) -> Vec<u8> {
+    let mut input = text(value, before);
+    for _ in 0..copies {
+        input.extend_from_slice(value);
+        input.extend(text(value, after));
+    }
+    input
+}
+
 // In a module whose name contains `redact`, so `cargo test -p keyhole-gateway redact` runs them.
 mod redact_properties {
     use super::*;
@@ -100,11 +115,7 @@ mod redact_properties {
         ) {
             let redactor = Redactor::new();
             prop_assert!(redactor.add(&value));
-            let mut input = text(&value, &before);
-            for _ in 0..copies {
-                input.extend_from_slice(&value);
-                input.extend(text(&value, &after));
-            }
+            let input = with_copies(&value, &before, &after, copies);
             let one_shot = redactor.redact(&input).into_owned();
             let streamed = stream_cut(&redactor, &input, &cuts);
             prop_assert_eq!(&streamed, &one_shot);
@@ -124,11 +135,7 @@ mod redact_properties {
             // a head, so what is covered is exactly the union of the value's occurrences.
             let redactor = Redactor::new();
             prop_assert!(redactor.add(&value));
-            let mut input = text(&value, &before);
-            for _ in 0..copies {
-                input.extend_from_slice(&value);
-                input.extend(text(&value, &after));
-            }
+            let input = with_copies(&value, &before, &after, copies);
             let one_shot = redactor.redact(&input).into_owned();
             prop_assert_eq!(&one_shot, &reference(&input, std::slice::from_ref(&value)));
             prop_assert_eq!(stream_cut(&redactor, &input, &cuts), one_shot);
