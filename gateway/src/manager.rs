@@ -218,10 +218,8 @@ impl Manager {
             Err(CallError::Timeout(_)) => {
                 Err(p.unavailable(&format!("no answer within the {deadline:?} deadline")))
             }
-            // The request did not fit a frame: the connection is fine.
-            Err(e @ CallError::Encode(_)) => {
-                Err(p.unavailable(&p.redactor.redact_str(&e.to_string())))
-            }
+            // The request did not fit a frame: the connection is fine. (`unavailable` redacts.)
+            Err(e @ CallError::Encode(_)) => Err(p.unavailable(&e.to_string())),
             Err(e) => {
                 // The connection broke: mark the provider down so the next call restarts it.
                 let reason = p.redactor.redact_str(&e.to_string()).into_owned();
@@ -363,7 +361,7 @@ impl Supervised {
                 Ok(client)
             }
             Err(why) => {
-                let why = self.redactor.redact_str(&why).into_owned();
+                let why = self.redactor.redact_string(why);
                 let next = (*backoff * 2).min(BACKOFF_MAX);
                 tracing::warn!(provider = %self.spec.name, "provider failed to start: {why}; retrying in {backoff:?}");
                 *state = State::Down {

@@ -217,6 +217,15 @@ impl Redactor {
         }
     }
 
+    /// [`redact_str`](Self::redact_str) for text already owned: returns it unchanged, without a
+    /// copy, when nothing matched.
+    pub fn redact_string(&self, text: String) -> String {
+        match self.redact_str(&text) {
+            Cow::Borrowed(_) => text,
+            Cow::Owned(clean) => clean,
+        }
+    }
+
     /// A streaming redactor over this value set, including values added after it was created.
     pub fn stream(&self) -> StreamRedactor {
         StreamRedactor {
@@ -411,12 +420,13 @@ impl Ready {
             if found.start() >= limit {
                 break;
             }
+            // `covers` has one entry per head, each at least the head's length.
             let cover = self
                 .covers
                 .get(found.pattern().as_usize())
                 .copied()
                 .unwrap_or(found.len());
-            let end = found.start().saturating_add(cover.max(found.len()));
+            let end = found.start().saturating_add(cover);
             let run_end = match runs.last_mut() {
                 Some(last) if found.start() <= last.1 => {
                     last.1 = last.1.max(end);

@@ -256,10 +256,7 @@ impl Gateway {
     /// misbehaving provider must not reach a client with a value through a version string or a
     /// label.
     fn scrub(&self, text: String) -> String {
-        match self.redactor.redact_str(&text) {
-            std::borrow::Cow::Borrowed(_) => text,
-            std::borrow::Cow::Owned(clean) => clean,
-        }
+        self.redactor.redact_string(text)
     }
 
     /// A provider's description of a secret, with its text scrubbed (see [`Gateway::scrub`]).
@@ -544,16 +541,12 @@ impl Gateway {
                     out.push(ProviderView {
                         name: fresh.name.clone(),
                         up: fresh.ack.is_some(),
-                        // Provider text is redacted like its error messages: a misbehaving
-                        // provider must not reach a client with a value through it.
                         provider: fresh.ack.as_ref().map(|a| {
-                            self.redactor
-                                .redact_str(&format!("{} {}", a.provider.name, a.provider.version))
-                                .into_owned()
+                            self.scrub(format!("{} {}", a.provider.name, a.provider.version))
                         }),
                         health: health.as_ref().map(|h| format!("{:?}", h.status)),
                         detail: health
-                            .map(|h| self.redactor.redact_str(&h.detail).into_owned())
+                            .map(|h| self.scrub(h.detail))
                             .filter(|d| !d.is_empty())
                             .or(fresh.down_reason)
                             .unwrap_or_default(),

@@ -71,6 +71,12 @@ fn put_in(name: &str, scope: Option<&str>, value: &[u8]) -> ApiOp {
     }
 }
 
+fn describe(handle: &str) -> ApiOp {
+    ApiOp::Describe {
+        handle: handle.to_string(),
+    }
+}
+
 const OWNER_CALLER: Caller = Caller {
     uid: OWNER,
     is_owner: true,
@@ -107,15 +113,7 @@ async fn the_owner_may_and_a_stranger_may_not_and_both_are_audited() {
         .unwrap_err();
     assert_eq!(denied.code, ErrorCode::PermissionDenied);
     assert!(denied.message.contains("4242"), "{}", denied.message);
-    let describe = gw
-        .handle(
-            &STRANGER,
-            ApiOp::Describe {
-                handle: handle.clone(),
-            },
-        )
-        .await
-        .unwrap_err();
+    let describe = gw.handle(&STRANGER, describe(&handle)).await.unwrap_err();
     assert_eq!(describe.code, ErrorCode::PermissionDenied);
 
     // Even the owner must say why.
@@ -212,16 +210,7 @@ async fn rotate_and_revoke_go_through_the_provider() {
         .await
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::Revoked);
-    let ApiReply::Described(v) = gw
-        .handle(
-            &OWNER_CALLER,
-            ApiOp::Describe {
-                handle: handle.clone(),
-            },
-        )
-        .await
-        .unwrap()
-    else {
+    let ApiReply::Described(v) = gw.handle(&OWNER_CALLER, describe(&handle)).await.unwrap() else {
         panic!()
     };
     assert_eq!(v.state, "revoked");
@@ -259,12 +248,7 @@ async fn rotate_and_revoke_go_through_the_provider() {
     };
     assert_eq!(values[0].value.expose(), b"fourth-value");
     let junk = gw
-        .handle(
-            &OWNER_CALLER,
-            ApiOp::Describe {
-                handle: "../../etc".into(),
-            },
-        )
+        .handle(&OWNER_CALLER, describe("../../etc"))
         .await
         .unwrap_err();
     assert_eq!(junk.code, ErrorCode::InvalidRequest);
@@ -495,15 +479,7 @@ async fn provider_text_that_carries_a_value_reaches_no_client() {
         .await
         .unwrap();
     replies.push(serde_json::to_string(&rotated).unwrap());
-    let described = gw
-        .handle(
-            &OWNER_CALLER,
-            ApiOp::Describe {
-                handle: handle.clone(),
-            },
-        )
-        .await
-        .unwrap();
+    let described = gw.handle(&OWNER_CALLER, describe(&handle)).await.unwrap();
     let ApiReply::Described(view) = &described else {
         panic!("{described:?}")
     };

@@ -299,10 +299,10 @@ impl DirSource {
 
     /// Every key of the current generation, with its version, all from one generation.
     pub fn scan(&self, limit: usize) -> Result<Scan, DirError> {
+        let root = std::fs::canonicalize(&self.path).map_err(DirError::Io)?;
         self.consistent(
             |base| {
                 let mut scan = Scan::default();
-                let root = std::fs::canonicalize(&self.path).map_err(DirError::Io)?;
                 for entry in std::fs::read_dir(base).map_err(DirError::Io)? {
                     let entry = entry.map_err(DirError::Io)?;
                     let file_name = entry.file_name();

@@ -1,10 +1,10 @@
 //! Framed reading and writing over any byte stream.
 
+use std::time::Duration;
+
 use keyhole_protocol::{
     EncodeError, Encoding, FrameError, FrameHeader, HEADER_LEN, Peek, encode_frame, peek,
 };
-use std::time::Duration;
-
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use zeroize::{Zeroize, Zeroizing};
@@ -221,9 +221,8 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
     /// [`flush`](Self::flush) within `deadline`, for the whole batch: a peer that has not taken
     /// it by then is stuck (or too slow to serve), and waiting on it could hold the writer for
-    /// ever. A write that times out may have
-    /// sent part of a frame, so the writer breaks: its batch is wiped, and every later write
-    /// fails. End the connection.
+    /// ever. A write that times out may have sent part of a frame, so the writer breaks: its
+    /// batch is wiped, and every later write fails. End the connection.
     pub async fn flush_within(&mut self, deadline: Duration) -> std::io::Result<()> {
         match tokio::time::timeout(deadline, self.flush()).await {
             Ok(result) => result,
