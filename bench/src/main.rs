@@ -51,6 +51,10 @@ struct Cli {
     /// Run only provider-file's resolve at 100 and at 100,000 records (interleaved, in process).
     #[arg(long, conflicts_with_all = ["only_e2e", "only_floor"])]
     only_file_store: bool,
+    /// With `--only-floor`: measure under this placement alone (`scheduler`, `one-core` or
+    /// `two-cores`), for profiling one of them.
+    #[arg(long, requires = "only_floor", value_parser = ["scheduler", "one-core", "two-cores"])]
+    placement: Option<String>,
     /// Internal: run the raw echo server on this socket.
     #[arg(long, hide = true)]
     echo_server: Option<PathBuf>,
@@ -113,7 +117,7 @@ fn main() {
                 if cli.only_e2e {
                     rt.block_on(e2e_only(effort))
                 } else if cli.only_floor {
-                    rt.block_on(floor_only(effort))
+                    rt.block_on(floor_only(effort, cli.placement.as_deref()))
                 } else if cli.only_file_store {
                     rt.block_on(file_store_rows(cli.smoke, &std::env::temp_dir()))
                         .map(|rows| table(rows, cli.smoke))
@@ -961,15 +965,23 @@ async fn e2e_only(effort: Effort) -> Result<String, String> {
     ))
 }
 
-async fn floor_only(effort: Effort) -> Result<String, String> {
+async fn floor_only(effort: Effort, only: Option<&str>) -> Result<String, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let memory = sibling("keyhole-provider-memory")?;
     let mut out = String::new();
-    out.push_str(&format!(
-        "CPU per resolve: {}\n",
-        awake_costs(&memory, effort).await?
-    ));
-    for placement in placements() {
+    let placements = match only {
+        None => {
+            out.push_str(&format!(
+                "CPU per resolve: {}\n",
+                awake_costs(&memory, effort).await?
+            ));
+            placements()
+        }
+        Some("one-core") => vec![Placement::SameCore],
+        Some("two-cores") => vec![Placement::CrossCore],
+        Some(_) => vec![Placement::Scheduler],
+    };
+    for placement in placements {
         let f = paired_floor(effort, dir.path(), &memory, placement).await?;
         out.push_str(&format!(
             "{}:\n  keyhole p50 {} p99 {} · raw p50 {} p99 {} · {:.2}×\n  \
