@@ -524,7 +524,7 @@ async fn start_provider(
 
 async fn start(options: &SpawnOptions) -> Result<Running, String> {
     let (process, conn) = spawn(options).await.map_err(|e| e.to_string())?;
-    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, _rx) = keyhole_transport::client::event_channel();
     Ok(Running {
         client: Arc::new(Client::start(conn.reader, conn.writer, conn.ack, tx)),
         process,

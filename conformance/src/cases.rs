@@ -1576,7 +1576,7 @@ async fn fault(
         Ok(parts) => parts,
         Err(e) => return fail(format!("the handshake for this case failed: {e}")),
     };
-    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, _rx) = keyhole_transport::client::event_channel();
     let client = keyhole_transport::client::Client::start(reader, writer, ack.clone(), tx);
     let bytes = make(ack.max_frame, ack.major);
     let _ = client.send_raw(&bytes).await;

@@ -49,7 +49,7 @@ pub(crate) struct Raw {
 /// An open, handshaken connection.
 pub(crate) struct Conn {
     pub client: Client,
-    pub events: tokio::sync::Mutex<mpsc::UnboundedReceiver<WatchEvent>>,
+    pub events: tokio::sync::Mutex<mpsc::Receiver<WatchEvent>>,
     pub process: tokio::sync::Mutex<Option<Spawned>>,
 }
 
@@ -135,7 +135,7 @@ pub(crate) async fn open(
         })?;
     match attempt.result {
         Ok((reader, writer, ack)) => {
-            let (tx, rx) = mpsc::unbounded_channel();
+            let (tx, rx) = keyhole_transport::client::event_channel();
             let mut client = Client::start(reader, writer, ack, tx);
             client.set_grace(grace);
             Ok(Conn {

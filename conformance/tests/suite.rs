@@ -200,7 +200,7 @@ async fn fixtures_are_checked_and_a_wrong_one_is_caught() {
     let (reader, writer, ack) = handshake(r, w, &hello, Duration::from_secs(5))
         .await
         .unwrap();
-    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, _rx) = keyhole_transport::client::event_channel();
     let client = Client::start(reader, writer, ack, tx);
     let fixtures: Vec<(String, SecretBytes)> = [
         ("fx/db/password", "kh-fixture-0123456789-db"),

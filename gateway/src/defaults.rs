@@ -135,7 +135,7 @@ async fn probe(keychain: &ProviderConfig, handshake_timeout: Duration) -> Result
     let (mut process, conn) = spawn(&options)
         .await
         .map_err(|e| format!("{} did not start: {e}", command.display()))?;
-    let (events, _ignored) = tokio::sync::mpsc::unbounded_channel();
+    let (events, _ignored) = keyhole_transport::client::event_channel();
     let client = Client::start(conn.reader, conn.writer, conn.ack, events);
     let answer = client.call(Op::Health {}, left()).await;
     drop(client);

@@ -600,7 +600,7 @@ async fn serve_gateway(mut config: Config, redactor: Redactor) -> Result<ExitCod
             encoding: Encoding::Bincode,
         })
         .collect();
-    let (manager, _events) = Manager::new(specs, redactor.clone());
+    let manager = Manager::new(specs, redactor.clone());
     for (name, result) in manager.start_all().await {
         match result {
             Ok(()) => tracing::info!(provider = %name, "provider started"),

@@ -12,11 +12,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keyhole_protocol::{Encoding, HelloAck, Op, Outcome, WatchEvent};
+use keyhole_protocol::{Encoding, HelloAck, Op, Outcome};
 use keyhole_transport::client::{CallError, Client, HelloOptions, handshake};
 use keyhole_transport::socket;
 use keyhole_transport::spawn::{OutputSink, SpawnOptions, Spawned, spawn};
-use tokio::sync::mpsc;
 
 use crate::redact::Redactor;
 
@@ -129,7 +128,6 @@ struct Supervised {
     state: tokio::sync::Mutex<State>,
     restarts: Mutex<u64>,
     redactor: Redactor,
-    events: mpsc::UnboundedSender<(String, WatchEvent)>,
 }
 
 /// Every configured provider.
@@ -140,12 +138,7 @@ pub struct Manager {
 
 impl Manager {
     /// A manager for `specs`. Nothing starts until [`Manager::start_all`] or the first call.
-    /// Watch events from every provider arrive on the returned receiver, tagged with its name.
-    pub fn new(
-        specs: Vec<ProviderSpec>,
-        redactor: Redactor,
-    ) -> (Manager, mpsc::UnboundedReceiver<(String, WatchEvent)>) {
-        let (tx, rx) = mpsc::unbounded_channel();
+    pub fn new(specs: Vec<ProviderSpec>, redactor: Redactor) -> Manager {
         let providers = specs
             .into_iter()
             .map(|spec| {
@@ -159,17 +152,13 @@ impl Manager {
                     }),
                     restarts: Mutex::new(0),
                     redactor: redactor.clone(),
-                    events: tx.clone(),
                 };
                 (name, Arc::new(supervised))
             })
             .collect();
-        (
-            Manager {
-                providers: Arc::new(providers),
-            },
-            rx,
-        )
+        Manager {
+            providers: Arc::new(providers),
+        }
     }
 
     /// Starts every provider; one that fails to start is reported and retried later, and the
@@ -375,14 +364,10 @@ impl Supervised {
     }
 
     async fn start(&self, budget: Duration) -> Result<Running, String> {
-        let name = self.spec.name.clone();
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let events = self.events.clone();
-        tokio::spawn(async move {
-            while let Some(ev) = rx.recv().await {
-                let _ = events.send((name.clone(), ev));
-            }
-        });
+        // The gateway opens no watch, so an event from a provider breaks the protocol and closes
+        // its connection (see `keyhole_transport::client`): none reaches this queue, whose
+        // receiver is dropped at once.
+        let (tx, _) = keyhole_transport::client::event_channel();
         match &self.spec.launch {
             Launch::Spawn { program, args, env } => {
                 let mut options = SpawnOptions::new(program, args.clone(), self.spec.encoding);

@@ -1493,7 +1493,10 @@ mod tests {
         text.extend_from_slice(b"secret-number-1-7919secret-number-10-79190 end");
         let one_shot = tiered.redact(&text).into_owned();
         assert_eq!(one_shot, at_once.redact(&text).into_owned());
-        assert!(!contains(&one_shot, b"secret-number"), "every form is covered");
+        assert!(
+            !contains(&one_shot, b"secret-number"),
+            "every form is covered"
+        );
         let cuts: Vec<usize> = (0..text.len()).step_by(37).collect();
         assert_eq!(stream_cut(&tiered, &text, &cuts), one_shot);
     }

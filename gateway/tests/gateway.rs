@@ -40,7 +40,7 @@ fn gateway_over(spec: ProviderSpec, policy: Policy) -> Arc<Gateway> {
 fn unshared_gateway(spec: ProviderSpec, policy: Policy) -> Gateway {
     let redactor = Redactor::new();
     let default_provider = spec.name.clone();
-    let (manager, _events) = Manager::new(vec![spec], redactor.clone());
+    let manager = Manager::new(vec![spec], redactor.clone());
     let audit = Arc::new(AuditLog::open_in_memory().unwrap());
     Gateway {
         manager,
@@ -299,8 +299,7 @@ fn connect_spec(sock: PathBuf, token_file: PathBuf, uid: Option<u32>) -> Provide
 #[tokio::test]
 async fn connect_mode_dials_a_running_provider() {
     let (_dir, sock, token_file, _child) = sidecar().await;
-    let (manager, _events) =
-        Manager::new(vec![connect_spec(sock, token_file, None)], Redactor::new());
+    let manager = Manager::new(vec![connect_spec(sock, token_file, None)], Redactor::new());
     let outcome = manager
         .call("sidecar", Op::Health {}, Duration::from_secs(5))
         .await
@@ -311,7 +310,7 @@ async fn connect_mode_dials_a_running_provider() {
 #[tokio::test]
 async fn connect_mode_refuses_a_provider_running_as_another_uid() {
     let (_dir, sock, token_file, _child) = sidecar().await;
-    let (manager, _events) = Manager::new(
+    let manager = Manager::new(
         vec![connect_spec(sock, token_file, Some(54321))],
         Redactor::new(),
     );
@@ -330,7 +329,7 @@ async fn connect_mode_with_the_wrong_token_is_refused_clearly() {
     let wrong = dir.path().join("wrong");
     std::fs::write(&wrong, "not-the-token").unwrap();
     std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let (manager, _events) = Manager::new(vec![connect_spec(sock, wrong, None)], Redactor::new());
+    let manager = Manager::new(vec![connect_spec(sock, wrong, None)], Redactor::new());
     let err = manager
         .call("sidecar", Op::Health {}, Duration::from_secs(5))
         .await

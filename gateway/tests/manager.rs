@@ -47,7 +47,7 @@ fn unavailable_within(answer: &Result<Outcome, ManagerError>, asked: Instant, li
 
 #[tokio::test]
 async fn a_provider_that_stops_reading_fails_calls_within_their_deadline() {
-    let (manager, _events) = Manager::new(vec![misbehaving("stop-reading")], Redactor::new());
+    let manager = Manager::new(vec![misbehaving("stop-reading")], Redactor::new());
     for (_, started) in manager.start_all().await {
         started.unwrap();
     }
@@ -69,6 +69,23 @@ async fn a_provider_that_stops_reading_fails_calls_within_their_deadline() {
 }
 
 #[tokio::test]
+async fn a_provider_flooding_events_nobody_asked_for_is_cut_off() {
+    // The gateway opens no watch: the first event breaks the protocol, and the connection is
+    // closed before the flood can pile up in the gateway's memory.
+    let manager = Manager::new(vec![misbehaving("unsolicited-events")], Redactor::new());
+    let t = Instant::now();
+    let answer = manager
+        .call("unsolicited-events", Op::Health {}, DEADLINE)
+        .await;
+    unavailable_within(&answer, t, DEADLINE + Duration::from_secs(2));
+    let message = answer.unwrap_err().to_string();
+    assert!(
+        message.contains("an event for watch 18446744073709551615, which is not open"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
 async fn broken_providers_fail_clearly_and_the_good_one_keeps_serving() {
     let specs = vec![
         memory("good"),
@@ -77,7 +94,7 @@ async fn broken_providers_fail_clearly_and_the_good_one_keeps_serving() {
         misbehaving("hang"),
         misbehaving("garbage-frame"),
     ];
-    let (manager, _events) = Manager::new(specs, Redactor::new());
+    let manager = Manager::new(specs, Redactor::new());
     let started: std::collections::BTreeMap<_, _> = manager.start_all().await.into_iter().collect();
     assert!(started["good"].is_ok());
     let exit = started["exit-before-hello"]
@@ -128,7 +145,7 @@ async fn broken_providers_fail_clearly_and_the_good_one_keeps_serving() {
 
 #[tokio::test]
 async fn a_provider_that_goes_away_is_restarted() {
-    let (manager, _events) = Manager::new(vec![memory("m")], Redactor::new());
+    let manager = Manager::new(vec![memory("m")], Redactor::new());
     manager
         .call("m", store("k", b"v1"), DEADLINE)
         .await
@@ -202,7 +219,7 @@ async fn provider_stderr_reaches_the_log_redacted() {
             workspace_bin("keyhole-provider-memory").into(),
         ],
     );
-    let (manager, _events) = Manager::new(vec![spec], redactor);
+    let manager = Manager::new(vec![spec], redactor);
     manager
         .call("noisy", Op::Health {}, DEADLINE)
         .await
@@ -243,7 +260,7 @@ async fn a_failed_start_quotes_no_part_of_a_value_its_output_cut_through() {
         "sh",
         vec![OsString::from("-c"), OsString::from(script)],
     );
-    let (manager, _events) = Manager::new(vec![spec], redactor);
+    let manager = Manager::new(vec![spec], redactor);
     let err = manager
         .call("cut", Op::Health {}, DEADLINE)
         .await

@@ -11,10 +11,10 @@ use std::sync::{Arc, Mutex};
 
 use clap::{Parser, ValueEnum};
 use keyhole_protocol::{
-    Capabilities, DEFAULT_MAX_FRAME, Description, Encoding, ErrorCode, HANDSHAKE_MAJOR,
+    Capabilities, Change, DEFAULT_MAX_FRAME, Description, Encoding, ErrorCode, HANDSHAKE_MAJOR,
     HANDSHAKE_MAX_FRAME, HealthReport, Hello, HelloAck, HelloReject, HelloReply, Offer, Op,
     Outcome, ProviderError, ProviderInfo, ProviderMessage, RejectCode, Reply, Request, Response,
-    SUPPORTED_MAJORS, SecretBytes, TOKEN_ENV, Token, decode, negotiate,
+    SUPPORTED_MAJORS, SecretBytes, TOKEN_ENV, Token, WatchEvent, decode, negotiate,
 };
 use keyhole_provider_memory::{MemoryOptions, MemoryProvider};
 use keyhole_providers::{Page, Provider, Resolved, ServeArgs, ServeOptions, StoreRequest};
@@ -46,6 +46,9 @@ enum Behaviour {
     /// Accepts the handshake, then never reads again (a wedged process): a large request fills
     /// the socket and its writer waits.
     StopReading,
+    /// Sends a flood of watch events nobody asked for (10,000 per request, for a watch id that
+    /// was never a Watch) before each answer.
+    UnsolicitedEvents,
 }
 
 /// A deliberately broken keyhole provider.
@@ -78,7 +81,8 @@ fn main() {
         Behaviour::Hang
         | Behaviour::GarbageFrame
         | Behaviour::IgnoreDeadlines
-        | Behaviour::StopReading => raw(cli.behaviour, memory, &cli.serve),
+        | Behaviour::StopReading
+        | Behaviour::UnsolicitedEvents => raw(cli.behaviour, memory, &cli.serve),
         semantic => keyhole_providers::serve(
             Twisted {
                 inner: memory,
@@ -359,6 +363,20 @@ async fn serve_raw(
                 writer.queue_raw(b"\x00\x01garbage, not a frame\xff\xfe");
                 writer.flush().await?;
                 continue;
+            }
+            Behaviour::UnsolicitedEvents => {
+                for _ in 0..10_000 {
+                    let _ = writer.queue(&ProviderMessage::Event(WatchEvent {
+                        watch_id: u64::MAX,
+                        name: "flood".into(),
+                        change: Change::Updated,
+                        version: Some("1".into()),
+                    }));
+                }
+                // The gateway may close the connection partway through the flood.
+                if writer.flush().await.is_err() {
+                    return Ok(());
+                }
             }
             _ => {}
         }

@@ -401,7 +401,7 @@ async fn connect_mode_serves_several_gateways_on_one_store() {
         )
         .await
         .unwrap();
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, _rx) = keyhole_transport::client::event_channel();
         clients.push(Client::start(reader, writer, ack, tx));
     }
     assert_populated(&clients[0]).await;

@@ -14,7 +14,7 @@ use keyhole_transport::spawn::{SpawnOptions, spawn};
 const BIN: &str = env!("CARGO_BIN_EXE_keyhole-provider-memory");
 
 fn client(conn: keyhole_transport::spawn::Connection) -> Client {
-    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, _rx) = keyhole_transport::client::event_channel();
     Client::start(conn.reader, conn.writer, conn.ack, tx)
 }
 
@@ -72,7 +72,7 @@ async fn exits_when_its_host_is_killed() {
     )
     .await
     .unwrap();
-    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, _rx) = keyhole_transport::client::event_channel();
     let c = Client::start(reader, writer, ack, tx);
     assert!(c.closed().is_none());
 
@@ -172,7 +172,7 @@ async fn listen_mode_serves_many_gateways_and_cleans_up_on_sigterm() {
         )
         .await
         .unwrap();
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, _rx) = keyhole_transport::client::event_channel();
         clients.push(Client::start(reader, writer, ack, tx));
     }
     let store = Op::Store {

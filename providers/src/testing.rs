@@ -53,7 +53,7 @@ impl HarnessError {
 /// A provider served in-process.
 pub struct Harness {
     client: Client,
-    events: mpsc::UnboundedReceiver<WatchEvent>,
+    events: mpsc::Receiver<WatchEvent>,
     timeout: Duration,
 }
 
@@ -90,7 +90,7 @@ impl Harness {
             Duration::from_secs(5),
         )
         .await?;
-        let (tx, events) = mpsc::unbounded_channel();
+        let (tx, events) = keyhole_transport::client::event_channel();
         Ok(Harness {
             client: Client::start(reader, writer, ack, tx),
             events,

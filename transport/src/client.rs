@@ -4,6 +4,13 @@
 //! Two kinds of failure stay apart, as in age's plugin API: a call returns
 //! `Result<Outcome, CallError>`, where `Outcome::Err` is the provider saying no and `CallError`
 //! is the connection failing.
+//!
+//! Watch events go to a bounded queue ([`event_channel`]). An event for a watch that is not open
+//! (no `watching` answer yet, refused, cancelled, or never asked for) breaks the protocol and
+//! closes the connection, so a provider cannot fill the gateway's memory with events nobody
+//! asked for. When the queue is full the router waits for room, up to [`EVENT_DEADLINE`], and then
+//! closes the connection rather than drop an event; when its receiver is gone, events are
+//! discarded.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,7 +20,7 @@ use std::time::Duration;
 use keyhole_protocol::{
     DEFAULT_MAX_FRAME, DecodeError, EncodeError, Encoding, FrameError, HANDSHAKE_MAJOR,
     HANDSHAKE_MAX_FRAME, Hello, HelloAck, HelloReject, HelloReply, Op, Outcome, ProviderError,
-    ProviderMessage, Request, SUPPORTED_MAJORS, Token, WatchEvent, decode, valid_max_frame,
+    ProviderMessage, Reply, Request, SUPPORTED_MAJORS, Token, WatchEvent, decode, valid_max_frame,
 };
 use tokio::sync::{mpsc, oneshot};
 use zeroize::Zeroizing;
@@ -21,6 +28,17 @@ use zeroize::Zeroizing;
 use crate::awake::StayAwake;
 use crate::framed::{FrameReader, FrameWriter, ReadError};
 use crate::{BoxRead, BoxWrite};
+
+/// How many watch events wait in the queue for their consumer.
+pub const EVENT_QUEUE: usize = 256;
+
+/// How long the router waits for room in a full event queue before it closes the connection.
+pub const EVENT_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The queue that a [`Client`]'s watch events go to: pass the sender to [`Client::start`].
+pub fn event_channel() -> (mpsc::Sender<WatchEvent>, mpsc::Receiver<WatchEvent>) {
+    mpsc::channel(EVENT_QUEUE)
+}
 
 /// What the gateway offers in its Hello.
 #[derive(Clone, Debug)]
@@ -175,16 +193,26 @@ pub struct Answer {
 struct Pending {
     tx: oneshot::Sender<Answer>,
     want_raw: bool,
+    /// The watch this request cancels, if it is a Cancel.
+    cancels: Option<u64>,
 }
 
 struct Shared {
     pending: Mutex<HashMap<u64, Pending>>,
     closed: Mutex<Option<CallError>>,
+    /// Watch requests sent (`false`) and open, answered `watching` (`true`): the ids an event
+    /// may carry once open. Kept apart from `pending`, so a watch whose caller stopped waiting
+    /// still opens.
+    watches: Mutex<HashMap<u64, bool>>,
 }
 
 impl Shared {
     fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Pending>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_watches(&self) -> std::sync::MutexGuard<'_, HashMap<u64, bool>> {
+        self.watches.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn close(&self, why: CallError) {
@@ -216,16 +244,17 @@ pub struct Client {
 
 impl Client {
     /// Starts the response router over a connection that has completed the handshake. Watch
-    /// events go to `events`.
+    /// events go to `events` (see [`event_channel`]; drop its receiver to discard them).
     pub fn start(
         reader: FrameReader<BoxRead>,
         writer: FrameWriter<BoxWrite>,
         ack: HelloAck,
-        events: mpsc::UnboundedSender<WatchEvent>,
+        events: mpsc::Sender<WatchEvent>,
     ) -> Client {
         let shared = Arc::new(Shared {
             pending: Mutex::new(HashMap::new()),
             closed: Mutex::new(None),
+            watches: Mutex::new(HashMap::new()),
         });
         let reader_task = tokio::spawn(route(reader, ack.encoding, Arc::clone(&shared), events));
         Client {
@@ -266,14 +295,14 @@ impl Client {
         timeout_ms: u32,
         wait: Duration,
     ) -> Result<Outcome, CallError> {
-        let (id, rx) = self.register(false);
+        let (id, rx) = self.register(&op, false);
         let left = self.send(Request { id, timeout_ms, op }, id, wait).await?;
         Ok(self.wait(id, rx, left).await?.outcome)
     }
 
     /// Sends `op` without waiting; the returned handle waits for the answer.
     pub async fn start_call(&self, op: Op, timeout: Duration) -> Result<PendingCall, CallError> {
-        let (id, rx) = self.register(false);
+        let (id, rx) = self.register(&op, false);
         let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
         let left = self
             .send(Request { id, timeout_ms, op }, id, timeout + self.grace)
@@ -315,17 +344,30 @@ impl Client {
         self.shared.closed_reason()
     }
 
-    fn register(&self, want_raw: bool) -> (u64, oneshot::Receiver<Answer>) {
+    fn register(&self, op: &Op, want_raw: bool) -> (u64, oneshot::Receiver<Answer>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.shared
-            .lock_pending()
-            .insert(id, Pending { tx, want_raw });
+        let cancels = match op {
+            Op::Watch { .. } => {
+                self.shared.lock_watches().insert(id, false);
+                None
+            }
+            Op::Cancel { id: target } => Some(*target),
+            _ => None,
+        };
+        self.shared.lock_pending().insert(
+            id,
+            Pending {
+                tx,
+                want_raw,
+                cancels,
+            },
+        );
         (id, rx)
     }
 
     async fn call_inner(&self, op: Op, timeout: Duration, raw: bool) -> Result<Answer, CallError> {
-        let (id, rx) = self.register(raw);
+        let (id, rx) = self.register(&op, raw);
         let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
         let left = self
             .send(Request { id, timeout_ms, op }, id, timeout + self.grace)
@@ -342,7 +384,7 @@ impl Client {
         match tokio::time::timeout(wait, self.send_now(req, id)).await {
             Ok(sent) => sent.map(|()| wait.saturating_sub(started.elapsed())),
             Err(_) => {
-                self.shared.lock_pending().remove(&id);
+                self.unsent(id);
                 let why = CallError::Closed(format!(
                     "the provider stopped reading: a request could not be written within {wait:?}"
                 ));
@@ -354,21 +396,27 @@ impl Client {
 
     async fn send_now(&self, req: Request, id: u64) -> Result<(), CallError> {
         if let Some(why) = self.shared.closed_reason() {
-            self.shared.lock_pending().remove(&id);
+            self.unsent(id);
             return Err(why);
         }
         let mut w = self.writer.lock().await;
         if let Err(e) = w.queue(&req) {
-            self.shared.lock_pending().remove(&id);
+            self.unsent(id);
             return Err(CallError::Encode(e));
         }
         if let Err(e) = w.flush().await {
-            self.shared.lock_pending().remove(&id);
+            self.unsent(id);
             let why = CallError::Closed(format!("write failed: {e}"));
             self.shared.close(why.clone());
             return Err(why);
         }
         Ok(())
+    }
+
+    /// Forgets request `id`, which was not sent.
+    fn unsent(&self, id: u64) {
+        self.shared.lock_pending().remove(&id);
+        self.shared.lock_watches().remove(&id);
     }
 
     async fn wait(
@@ -409,7 +457,7 @@ async fn route(
     mut reader: FrameReader<BoxRead>,
     encoding: Encoding,
     shared: Arc<Shared>,
-    events: mpsc::UnboundedSender<WatchEvent>,
+    events: mpsc::Sender<WatchEvent>,
 ) {
     let mut awake = StayAwake::default();
     let why = loop {
@@ -439,7 +487,22 @@ async fn route(
         };
         match msg {
             ProviderMessage::Response(resp) => {
+                {
+                    let mut watches = shared.lock_watches();
+                    if let Some(open) = watches.get_mut(&resp.id) {
+                        match &resp.outcome {
+                            Outcome::Ok(Reply::Watching {}) => *open = true,
+                            _ => {
+                                watches.remove(&resp.id);
+                            }
+                        }
+                    }
+                }
                 let pending = shared.lock_pending().remove(&resp.id);
+                if let Some(target) = pending.as_ref().and_then(|p| p.cancels) {
+                    // After the CancelAck no event of that watch may come.
+                    shared.lock_watches().remove(&target);
+                }
                 if let Some(p) = pending {
                     let raw = p.want_raw.then(|| Zeroizing::new(frame.payload.to_vec()));
                     let _ = p.tx.send(Answer {
@@ -449,7 +512,21 @@ async fn route(
                 }
             }
             ProviderMessage::Event(ev) => {
-                let _ = events.send(ev);
+                if shared.lock_watches().get(&ev.watch_id) != Some(&true) {
+                    break CallError::Closed(format!(
+                        "provider broke the protocol: an event for watch {}, which is not open",
+                        ev.watch_id
+                    ));
+                }
+                match events.send_timeout(ev, EVENT_DEADLINE).await {
+                    Ok(()) | Err(mpsc::error::SendTimeoutError::Closed(_)) => {}
+                    Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                        break CallError::Closed(format!(
+                            "watch events were not consumed: the queue of {EVENT_QUEUE} stayed \
+                             full for {EVENT_DEADLINE:?}"
+                        ));
+                    }
+                }
             }
             ProviderMessage::Abort(err) => break CallError::Aborted(err),
         }
@@ -459,4 +536,235 @@ async fn route(
 
 fn protocol_fault(e: &FrameError) -> CallError {
     CallError::Closed(format!("provider broke the protocol: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests may panic on what they did not expect
+
+    use super::*;
+    use keyhole_protocol::{Capabilities, Change, ProviderInfo, Response};
+
+    /// A client over an in-memory pipe, and the provider's end of it (a reader of requests and a
+    /// writer of answers and events), speaking JSON.
+    fn pair(
+        events: mpsc::Sender<WatchEvent>,
+    ) -> (Client, FrameReader<BoxRead>, FrameWriter<BoxWrite>) {
+        let (client_end, provider_end) = tokio::io::duplex(1 << 20);
+        let (client_read, client_write) = tokio::io::split(client_end);
+        let (provider_read, provider_write) = tokio::io::split(provider_end);
+        let ack = HelloAck {
+            major: 1,
+            encoding: Encoding::Json,
+            provider: ProviderInfo {
+                name: "fake".into(),
+                version: "0".into(),
+            },
+            capabilities: Capabilities {
+                store: false,
+                rotate: false,
+                revoke: false,
+                list: false,
+                watch: true,
+                versions_kept: 1,
+                max_value_size: 1024,
+            },
+            features: Vec::new(),
+            max_frame: DEFAULT_MAX_FRAME,
+        };
+        let client = Client::start(
+            FrameReader::new(Box::new(client_read), DEFAULT_MAX_FRAME),
+            FrameWriter::new(Box::new(client_write), 1, Encoding::Json, DEFAULT_MAX_FRAME),
+            ack,
+            events,
+        );
+        (
+            client,
+            FrameReader::new(Box::new(provider_read), DEFAULT_MAX_FRAME),
+            FrameWriter::new(
+                Box::new(provider_write),
+                1,
+                Encoding::Json,
+                DEFAULT_MAX_FRAME,
+            ),
+        )
+    }
+
+    async fn next_request(reader: &mut FrameReader<BoxRead>) -> Request {
+        let frame = reader.next().await.unwrap().unwrap();
+        decode(Encoding::Json, frame.payload).unwrap()
+    }
+
+    async fn send(writer: &mut FrameWriter<BoxWrite>, message: &ProviderMessage) {
+        writer.queue(message).unwrap();
+        writer.flush().await.unwrap();
+    }
+
+    fn event(watch_id: u64) -> ProviderMessage {
+        ProviderMessage::Event(WatchEvent {
+            watch_id,
+            name: "db/password".into(),
+            change: Change::Updated,
+            version: Some("2".into()),
+        })
+    }
+
+    fn answer(id: u64, reply: Reply) -> ProviderMessage {
+        ProviderMessage::Response(Response {
+            id,
+            outcome: Outcome::Ok(reply),
+        })
+    }
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// Opens a watch through `client`, answered by the provider's end; returns its id.
+    async fn open_watch(
+        client: &Client,
+        requests: &mut FrameReader<BoxRead>,
+        answers: &mut FrameWriter<BoxWrite>,
+    ) -> u64 {
+        let call = client
+            .start_call(
+                Op::Watch {
+                    prefix: "db/".into(),
+                },
+                WAIT,
+            )
+            .await
+            .unwrap();
+        let watch = next_request(requests).await;
+        send(answers, &answer(watch.id, Reply::Watching {})).await;
+        assert_eq!(
+            client.finish(call).await.unwrap(),
+            Outcome::Ok(Reply::Watching {})
+        );
+        watch.id
+    }
+
+    #[tokio::test]
+    async fn an_event_for_a_watch_that_is_not_open_closes_the_connection() {
+        let (tx, mut rx) = event_channel();
+        let (client, mut requests, mut answers) = pair(tx);
+        let id = open_watch(&client, &mut requests, &mut answers).await;
+        send(&mut answers, &event(id)).await;
+        assert_eq!(
+            rx.recv().await.unwrap().watch_id,
+            id,
+            "an open watch's event"
+        );
+
+        // Nobody asked for watch 999.
+        send(&mut answers, &event(999)).await;
+        let why = client.wait_closed(WAIT).await.unwrap();
+        assert_eq!(
+            why,
+            CallError::Closed(
+                "provider broke the protocol: an event for watch 999, which is not open".into()
+            )
+        );
+        assert!(rx.recv().await.is_none(), "no event after the fault");
+    }
+
+    #[tokio::test]
+    async fn no_event_may_come_before_watching_or_after_cancel_ack() {
+        // Before the `watching` answer.
+        let (tx, _rx) = event_channel();
+        let (client, mut requests, mut answers) = pair(tx);
+        let _call = client
+            .start_call(
+                Op::Watch {
+                    prefix: "db/".into(),
+                },
+                WAIT,
+            )
+            .await
+            .unwrap();
+        let watch = next_request(&mut requests).await;
+        send(&mut answers, &event(watch.id)).await;
+        assert!(
+            matches!(client.wait_closed(WAIT).await, Some(CallError::Closed(m)) if m.contains("not open"))
+        );
+
+        // After the CancelAck.
+        let (tx, mut rx) = event_channel();
+        let (client, mut requests, mut answers) = pair(tx);
+        let id = open_watch(&client, &mut requests, &mut answers).await;
+        let cancel = client.start_call(Op::Cancel { id }, WAIT).await.unwrap();
+        let request = next_request(&mut requests).await;
+        send(&mut answers, &event(id)).await; // still open: allowed
+        send(
+            &mut answers,
+            &answer(request.id, Reply::CancelAck { found: true }),
+        )
+        .await;
+        assert_eq!(
+            client.finish(cancel).await.unwrap(),
+            Outcome::Ok(Reply::CancelAck { found: true })
+        );
+        assert_eq!(rx.recv().await.unwrap().watch_id, id);
+        send(&mut answers, &event(id)).await;
+        assert!(
+            matches!(client.wait_closed(WAIT).await, Some(CallError::Closed(m)) if m.contains("not open"))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queue_nobody_empties_closes_the_connection_after_the_deadline() {
+        let (tx, mut rx) = event_channel();
+        let (client, mut requests, mut answers) = pair(tx);
+        let id = open_watch(&client, &mut requests, &mut answers).await;
+        for _ in 0..EVENT_QUEUE + 1 {
+            writer_queue(&mut answers, &event(id));
+        }
+        answers.flush().await.unwrap();
+        let started = tokio::time::Instant::now();
+        let why = client.wait_closed(2 * EVENT_DEADLINE).await.unwrap();
+        assert!(started.elapsed() >= EVENT_DEADLINE);
+        assert!(
+            matches!(&why, CallError::Closed(m) if m.contains("were not consumed")),
+            "{why}"
+        );
+        // Nothing was dropped: the queue holds the first EVENT_QUEUE events, in order.
+        let mut queued = 0;
+        while let Ok(ev) = rx.try_recv() {
+            assert_eq!(ev.watch_id, id);
+            queued += 1;
+        }
+        assert_eq!(queued, EVENT_QUEUE);
+    }
+
+    #[tokio::test]
+    async fn without_a_receiver_events_are_discarded_and_calls_go_on() {
+        let (tx, rx) = event_channel();
+        drop(rx);
+        let (client, mut requests, mut answers) = pair(tx);
+        let id = open_watch(&client, &mut requests, &mut answers).await;
+        for _ in 0..EVENT_QUEUE * 4 {
+            writer_queue(&mut answers, &event(id));
+        }
+        answers.flush().await.unwrap();
+        let call = client.start_call(Op::Health {}, WAIT).await.unwrap();
+        let request = next_request(&mut requests).await;
+        send(
+            &mut answers,
+            &ProviderMessage::Response(Response {
+                id: request.id,
+                outcome: Outcome::Err(ProviderError::new(
+                    keyhole_protocol::ErrorCode::Unavailable,
+                    "down",
+                )),
+            }),
+        )
+        .await;
+        assert!(matches!(
+            client.finish(call).await.unwrap(),
+            Outcome::Err(e) if e.message == "down"
+        ));
+        assert!(client.closed().is_none());
+    }
+
+    fn writer_queue(writer: &mut FrameWriter<BoxWrite>, message: &ProviderMessage) {
+        writer.queue(message).unwrap();
+    }
 }

@@ -138,7 +138,7 @@ impl Kubelet {
 pub struct Running {
     pub process: Spawned,
     pub client: Client,
-    pub events: mpsc::UnboundedReceiver<WatchEvent>,
+    pub events: mpsc::Receiver<WatchEvent>,
 }
 
 /// Starts `BIN args... --connect S` with `env` added to the environment.
@@ -155,7 +155,7 @@ pub async fn start_with(
     options.env = env.to_vec();
     options.handshake_timeout = Duration::from_secs(10);
     let (process, conn) = spawn(&options).await.unwrap();
-    let (tx, events) = mpsc::unbounded_channel();
+    let (tx, events) = keyhole_transport::client::event_channel();
     let client = Client::start(conn.reader, conn.writer, conn.ack, tx);
     Running {
         process,
@@ -271,7 +271,7 @@ pub async fn connect_listening(
     socket: &Path,
     token: keyhole_protocol::Token,
     encoding: Encoding,
-) -> (Client, mpsc::UnboundedReceiver<WatchEvent>) {
+) -> (Client, mpsc::Receiver<WatchEvent>) {
     use keyhole_transport::client::{HelloOptions, handshake};
     use keyhole_transport::socket as ksocket;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -297,6 +297,6 @@ pub async fn connect_listening(
     )
     .await
     .unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = keyhole_transport::client::event_channel();
     (Client::start(reader, writer, ack, tx), rx)
 }

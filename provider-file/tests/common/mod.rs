@@ -253,7 +253,7 @@ pub async fn passphrase_store(passphrase: &str) -> TestStore {
 pub struct Served {
     pub process: Spawned,
     pub client: Client,
-    pub events: tokio::sync::mpsc::UnboundedReceiver<WatchEvent>,
+    pub events: tokio::sync::mpsc::Receiver<WatchEvent>,
 }
 
 impl Served {
@@ -292,7 +292,7 @@ pub async fn try_serve_with(
         .map(|(k, v)| (OsString::from(k), OsString::from(v)))
         .collect();
     let (process, conn) = spawn(&options).await?;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, rx) = keyhole_transport::client::event_channel();
     let client = Client::start(conn.reader, conn.writer, conn.ack, tx);
     Ok(Served {
         process,

@@ -293,7 +293,7 @@ pub async fn serve(env: &TestEnv, args: &[&str]) -> Served {
     let (process, conn) = spawn(&options)
         .await
         .unwrap_or_else(|e| panic!("the provider did not start: {e}"));
-    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, _rx) = keyhole_transport::client::event_channel();
     let client = Client::start(conn.reader, conn.writer, conn.ack, tx);
     Served { process, client }
 }
