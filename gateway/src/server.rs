@@ -590,6 +590,11 @@ impl Gateway {
 /// requests answered in order. `ready` runs once the socket accepts connections and before the
 /// first is taken (the gateway writes its client token file there, so a client that waits for
 /// the token file never finds the socket missing).
+///
+/// Shutdown drains: no connection is accepted and no request read any more, but a request being
+/// handled finishes (its provider call, its audit record) and is answered, for up to the call
+/// timeout plus [`DRAIN_MARGIN`]; connections still busy then are closed. Returns once every
+/// connection has ended.
 pub async fn serve(
     gateway: Arc<Gateway>,
     path: &Path,
@@ -600,6 +605,8 @@ pub async fn serve(
     let listener = socket::listen(path).await?;
     ready()?;
     let token = Arc::new(token);
+    let (draining, drain_rx) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -607,7 +614,8 @@ pub async fn serve(
                 Ok(stream) => {
                     let uid = socket::peer_uid(&stream);
                     let (gateway, token) = (Arc::clone(&gateway), Arc::clone(&token));
-                    tokio::spawn(async move {
+                    let drain_rx = drain_rx.clone();
+                    connections.spawn(async move {
                         let uid = match uid {
                             Ok(uid) => uid,
                             Err(e) => {
@@ -616,17 +624,40 @@ pub async fn serve(
                             }
                         };
                         let (read, write) = socket::into_halves(stream);
-                        if let Err(e) = connection(gateway, read, write, uid, &token).await {
+                        let ended = connection(gateway, read, write, uid, &token, drain_rx).await;
+                        if let Err(e) = ended {
                             tracing::debug!("client connection ended: {e}");
                         }
                     });
                 }
                 Err(e) => tracing::warn!("accept failed: {e}"),
             },
-            () = &mut shutdown => return Ok(()),
+            // Finished connections are reaped as they end, so the set holds only live ones.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            () = &mut shutdown => break,
         }
     }
+    drop(listener);
+    let _ = draining.send(true);
+    let deadline = gateway.call_timeout.saturating_add(DRAIN_MARGIN);
+    let drained = tokio::time::timeout(deadline, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            "{} client connections were still busy {deadline:?} after shutdown began; closing them",
+            connections.len()
+        );
+        connections.abort_all();
+        while connections.join_next().await.is_some() {}
+    }
+    Ok(())
 }
+
+/// How long past the call timeout a shutting-down gateway waits for the requests it is handling:
+/// their audit commit and the answer's write.
+pub const DRAIN_MARGIN: Duration = Duration::from_secs(2);
 
 /// How long an answer may take to write. A client that has not taken it by then is stuck; its
 /// connection ends rather than hold the task and the answer (which may carry a value) for ever.
@@ -638,6 +669,7 @@ async fn connection(
     write: BoxWrite,
     uid: u32,
     token: &Token,
+    mut draining: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let mut reader = FrameReader::new(read, HANDSHAKE_MAX_FRAME);
     let mut writer = FrameWriter::new(write, HANDSHAKE_MAJOR, Encoding::Json, HANDSHAKE_MAX_FRAME);
@@ -671,7 +703,13 @@ async fn connection(
         is_owner: uid == gateway.owner_uid,
     };
     loop {
-        let request = match reader.next().await {
+        // Between requests, shutdown ends the connection; a request already read is answered.
+        let next = tokio::select! {
+            biased;
+            _ = draining.wait_for(|now| *now) => return Ok(()),
+            next = reader.next() => next,
+        };
+        let request = match next {
             Ok(Some(frame)) => match decode::<ApiRequest>(Encoding::Json, frame.payload) {
                 Ok(r) => r,
                 Err(e) => {

@@ -449,12 +449,7 @@ async fn link_cannot_open_a_secret_the_caller_could_not_resolve() {
 async fn provider_text_that_carries_a_value_reaches_no_client() {
     // A provider that answers with the value as every version string, and as a label in
     // Describe: the client sees [REDACTED] in its place, in every reply.
-    let spec = ProviderSpec::spawn(
-        "leaky",
-        workspace_bin("keyhole-provider-misbehaving"),
-        vec!["--behaviour".into(), "leak-value".into()],
-    );
-    let gw = gateway_over(spec, Policy::owner_only());
+    let gw = gateway_over(misbehaving_spec("leak-value"), Policy::owner_only());
     let first = "kh-leak-canary-first-71c2";
     let second = "kh-leak-canary-second-93ab";
     let mut replies = Vec::new();
@@ -513,9 +508,7 @@ async fn provider_text_that_carries_a_value_reaches_no_client() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_dropped_after_the_write_timeout() {
-    use keyhole_gateway::api::{API_MAJOR, ApiRequest, ClientHello};
-    use keyhole_protocol::{DEFAULT_MAX_FRAME, HANDSHAKE_MAJOR, HANDSHAKE_MAX_FRAME};
-    use keyhole_transport::{FrameReader, FrameWriter, socket};
+    use keyhole_gateway::api::ApiRequest;
 
     let spec = ProviderSpec::spawn("memory", workspace_bin("keyhole-provider-memory"), vec![]);
     let mut gw = unshared_gateway(spec, Policy::owner_only());
@@ -527,46 +520,8 @@ async fn a_client_that_stops_reading_is_dropped_after_the_write_timeout() {
     else {
         panic!()
     };
-    let dir = tempfile::tempdir().unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-    }
-    let path = dir.path().join("gw.sock");
-    let token = keyhole_transport::generate_token().unwrap();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let served = tokio::spawn({
-        let (gw, path, token) = (Arc::clone(&gw), path.clone(), token.clone());
-        async move {
-            keyhole_gateway::server::serve(
-                gw,
-                &path,
-                token,
-                move || {
-                    let _ = ready_tx.send(());
-                    Ok(())
-                },
-                std::future::pending(),
-            )
-            .await
-        }
-    });
-    if ready_rx.await.is_err() {
-        panic!("the gateway did not start: {:?}", served.await);
-    }
-    let (read, write) = socket::into_halves(socket::connect(&path).await.unwrap());
-    let mut reader = FrameReader::new(read, HANDSHAKE_MAX_FRAME);
-    let mut writer = FrameWriter::new(write, HANDSHAKE_MAJOR, Encoding::Json, HANDSHAKE_MAX_FRAME);
-    writer
-        .queue(&ClientHello {
-            token,
-            majors: vec![API_MAJOR],
-        })
-        .unwrap();
-    writer.flush().await.unwrap();
-    reader.next().await.unwrap().expect("the gateway's hello");
-    reader.set_cap(DEFAULT_MAX_FRAME);
-    writer.set_format(API_MAJOR, Encoding::Json, DEFAULT_MAX_FRAME);
+    let served = Served::start(Arc::clone(&gw), std::future::pending()).await;
+    let (mut reader, mut writer) = served.client().await;
     // 200 answers of 32 KiB each are far more than the socket holds: the gateway's write waits
     // for a reader that only comes back after the write timeout.
     const ASKED: u64 = 200;
@@ -600,5 +555,148 @@ async fn a_client_that_stops_reading_is_dropped_after_the_write_timeout() {
     );
     drop(end);
     requests.abort();
-    served.abort();
+    served.task.abort();
+}
+
+/// The misbehaving provider, as `behaviour` (also its name).
+fn misbehaving_spec(behaviour: &str) -> ProviderSpec {
+    ProviderSpec::spawn(
+        behaviour,
+        workspace_bin("keyhole-provider-misbehaving"),
+        vec!["--behaviour".into(), behaviour.into()],
+    )
+}
+
+/// `keyhole_gateway::server::serve` on a socket in a private temporary directory.
+struct Served {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    token: keyhole_protocol::Token,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Served {
+    /// Serves `gw` until `shutdown` resolves; returns once the socket accepts.
+    async fn start(
+        gw: Arc<Gateway>,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        }
+        let path = dir.path().join("gw.sock");
+        let token = keyhole_transport::generate_token().unwrap();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn({
+            let (path, token) = (path.clone(), token.clone());
+            async move {
+                keyhole_gateway::server::serve(
+                    gw,
+                    &path,
+                    token,
+                    move || {
+                        let _ = ready_tx.send(());
+                        Ok(())
+                    },
+                    shutdown,
+                )
+                .await
+            }
+        });
+        if ready_rx.await.is_err() {
+            panic!("the gateway did not start: {:?}", task.await);
+        }
+        Served {
+            _dir: dir,
+            path,
+            token,
+            task,
+        }
+    }
+
+    /// A client connection past the hello, speaking the client API.
+    async fn client(
+        &self,
+    ) -> (
+        keyhole_transport::FrameReader<keyhole_transport::BoxRead>,
+        keyhole_transport::FrameWriter<keyhole_transport::BoxWrite>,
+    ) {
+        use keyhole_gateway::api::{API_MAJOR, ClientHello};
+        use keyhole_protocol::{DEFAULT_MAX_FRAME, HANDSHAKE_MAJOR, HANDSHAKE_MAX_FRAME};
+        use keyhole_transport::{FrameReader, FrameWriter, socket};
+
+        let (read, write) = socket::into_halves(socket::connect(&self.path).await.unwrap());
+        let mut reader = FrameReader::new(read, HANDSHAKE_MAX_FRAME);
+        let mut writer =
+            FrameWriter::new(write, HANDSHAKE_MAJOR, Encoding::Json, HANDSHAKE_MAX_FRAME);
+        writer
+            .queue(&ClientHello {
+                token: self.token.clone(),
+                majors: vec![API_MAJOR],
+            })
+            .unwrap();
+        writer.flush().await.unwrap();
+        reader.next().await.unwrap().expect("the gateway's hello");
+        reader.set_cap(DEFAULT_MAX_FRAME);
+        writer.set_format(API_MAJOR, Encoding::Json, DEFAULT_MAX_FRAME);
+        (reader, writer)
+    }
+}
+
+#[tokio::test]
+async fn shutdown_answers_the_request_in_flight_and_then_closes_every_connection() {
+    use keyhole_gateway::api::{ApiRequest, ApiResponse, ApiResult};
+
+    // A provider that never answers holds a Put for the whole call timeout.
+    let mut gw = unshared_gateway(misbehaving_spec("hang"), Policy::owner_only());
+    gw.owner_uid = nix::unistd::geteuid().as_raw();
+    gw.call_timeout = Duration::from_millis(1500);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = Served::start(Arc::new(gw), async {
+        let _ = stopped.await;
+    })
+    .await;
+    let (mut busy_reader, mut busy) = served.client().await;
+    let (mut idle_reader, _idle) = served.client().await;
+    busy.queue(&ApiRequest {
+        id: 7,
+        op: put("in/flight", b"a value being stored"),
+    })
+    .unwrap();
+    busy.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.send(()).unwrap();
+
+    // The idle connection closes at once; the gateway keeps going for the busy one.
+    let idle_end = tokio::time::timeout(Duration::from_millis(500), idle_reader.next())
+        .await
+        .expect("the idle connection closes promptly");
+    assert!(matches!(idle_end, Ok(None)), "{idle_end:?}");
+    assert!(
+        !served.task.is_finished(),
+        "serve returned with a request in flight"
+    );
+    let frame = tokio::time::timeout(Duration::from_secs(5), busy_reader.next())
+        .await
+        .expect("answered within the drain")
+        .unwrap()
+        .expect("an answer, not the end of the connection");
+    let answer: ApiResponse = keyhole_protocol::decode(Encoding::Json, frame.payload).unwrap();
+    assert_eq!(answer.id, 7);
+    assert!(
+        matches!(&answer.result, ApiResult::Err(e) if e.code == ErrorCode::Unavailable),
+        "{:?}",
+        answer.result
+    );
+    let after = tokio::time::timeout(Duration::from_secs(2), busy_reader.next())
+        .await
+        .expect("then the connection closes");
+    assert!(matches!(after, Ok(None)), "{after:?}");
+    tokio::time::timeout(Duration::from_secs(2), served.task)
+        .await
+        .expect("serve returns once every connection ended")
+        .unwrap()
+        .unwrap();
 }

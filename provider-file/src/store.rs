@@ -588,8 +588,17 @@ impl Store {
         value: &SecretBytes,
         now: u64,
     ) -> Result<String, StoreError> {
-        record.counter += 1;
-        let version = record.counter;
+        // The counter comes from disk: a record at the end of the range is damaged, not wrapped
+        // to reuse version numbers.
+        let version = record
+            .counter
+            .checked_add(1)
+            .ok_or_else(|| StoreError::Damaged {
+                file: record::file_name(&record.name),
+                name: Some(record.name.clone()),
+                reason: "its version counter is at its maximum".into(),
+            })?;
+        record.counter = version;
         let sealed =
             SealedVersion::seal(&self.kek, &self.store_id, &record.name, version, now, value)?;
         record.versions.push(sealed);
@@ -942,7 +951,13 @@ pub fn rewrap(
     let _lock = store.lock()?;
     let header = read_header(dir)?;
     let (new_kek, params) = new_kek(new, argon2, allow_insecure)?;
-    let next = header.generation + 1;
+    let next = header
+        .generation
+        .checked_add(1)
+        .ok_or_else(|| StoreError::Header {
+            path: dir.join(HEADER),
+            reason: "its generation number is at its maximum".into(),
+        })?;
     let target = gen_dir(dir, next);
     if target.exists() {
         fs::remove_dir_all(&target)

@@ -10,6 +10,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use keyhole_protocol::{ErrorCode, Op};
+use keyhole_provider_file::record::Record;
 
 use common::TestStore;
 
@@ -134,6 +135,40 @@ async fn a_flipped_bit_in_the_checksum_is_caught_too() {
     bytes[4 + 2 + 5] ^= 0x01;
     std::fs::write(&record, &bytes).unwrap();
     assert_only_the_victim_is_lost(&store, &record).await;
+}
+
+#[tokio::test]
+async fn a_version_counter_at_its_maximum_refuses_writes_and_never_wraps() {
+    // The checksum is not a MAC: whoever can write the directory can set any counter. The next
+    // version would wrap to 0 and then reuse numbers, so the write is refused instead.
+    let (store, record) = store_with_two_secrets().await;
+    let file = file_name(&record);
+    let bytes = std::fs::read(&record).unwrap();
+    let mut decoded = Record::decode(&bytes, &file, Some("team/victim")).unwrap();
+    decoded.counter = u64::MAX;
+    std::fs::write(&record, decoded.encode().unwrap()).unwrap();
+
+    let served = common::serve(&store, &[]).await;
+    let c = &served.client;
+    common::assert_resolves(c, "team/victim", None, b"victim v2").await;
+    for (op, what) in [
+        (common::rotate_op("team/victim", b"victim v3"), "rotate"),
+        (common::store_op("team/victim", b"victim v3"), "store"),
+    ] {
+        let e = common::expect_err(
+            common::call(c, op).await,
+            ErrorCode::Internal,
+            &format!("{what} past the last version number"),
+        );
+        assert!(
+            e.message.contains("version counter is at its maximum") && e.message.contains(&file),
+            "{}",
+            e.message
+        );
+    }
+    common::assert_resolves(c, "team/victim", None, b"victim v2").await;
+    common::assert_resolves(c, "bystander", None, b"still here").await;
+    served.stop().await;
 }
 
 #[tokio::test]

@@ -2,6 +2,7 @@
 //! backend deadline.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use keyhole_providers::protocol::{
@@ -13,9 +14,16 @@ use keyhole_providers::{Page, Provider, Resolved, StoreRequest, page_token};
 use crate::backend::Keychain;
 use crate::ops;
 
+/// The most keychain calls that run at once, counting those stuck past their deadline. Each has
+/// a thread, and against a daemon that never answers none of them ends: without a bound, every
+/// retry would leave one more thread behind.
+pub const MAX_RUNNING_CALLS: usize = 32;
+
 /// The provider.
 pub struct KeychainProvider {
     kc: Arc<Keychain>,
+    /// Keychain calls whose thread has not finished, stuck ones included.
+    running: Arc<AtomicUsize>,
     keep: u32,
     timeout: Duration,
     max_value_size: u32,
@@ -30,6 +38,7 @@ impl KeychainProvider {
         let max_value_size = kc.max_value_size();
         KeychainProvider {
             kc: Arc::new(kc),
+            running: Arc::new(AtomicUsize::new(0)),
             keep,
             timeout,
             max_value_size,
@@ -51,6 +60,17 @@ impl KeychainProvider {
         effect: Effect,
         f: impl FnOnce(&Keychain, Instant) -> Result<T, ProviderError> + Send + 'static,
     ) -> Result<T, ProviderError> {
+        let slot = Slot::take(&self.running).ok_or_else(|| {
+            ProviderError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "{} keychain calls are still running past their deadline, the most this \
+                     provider allows: {} hangs or waits on a prompt; restart its daemon",
+                    MAX_RUNNING_CALLS,
+                    self.kc.kind().describe()
+                ),
+            )
+        })?;
         let kc = Arc::clone(&self.kc);
         let margin = (self.timeout / 10).min(Duration::from_millis(100));
         let lock_deadline = Instant::now() + (self.timeout - margin);
@@ -61,6 +81,7 @@ impl KeychainProvider {
             .name("keychain".into())
             .spawn(move || {
                 let _ = tx.send(f(&kc, lock_deadline));
+                drop(slot);
             })
             .map_err(|e| {
                 ProviderError::new(
@@ -97,6 +118,26 @@ impl KeychainProvider {
                 ))
             }
         }
+    }
+}
+
+/// One of [`MAX_RUNNING_CALLS`], given back when dropped (by the call's thread, when it ends).
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(running: &Arc<AtomicUsize>) -> Option<Slot> {
+        running
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_RUNNING_CALLS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(Arc::clone(running)))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use keyhole_conformance::{Options, Target};
 use keyhole_protocol::{ErrorCode, HealthStatus, Op, Outcome, Reply};
+use keyhole_provider_keychain::provider::MAX_RUNNING_CALLS;
 
 use common::{Session, TestEnv};
 
@@ -226,6 +227,51 @@ async fn a_bus_that_never_answers_yields_unavailable_at_the_backend_deadline() {
         Duration::from_secs(5),
     );
     assert_eq!(code, Some(5), "{}", String::from_utf8_lossy(&out));
+}
+
+#[tokio::test]
+async fn calls_stuck_on_a_silent_bus_hold_at_most_the_cap_of_threads() {
+    // Each call stuck on a bus that never answers keeps its thread for good. Past the cap, calls
+    // are refused at once instead of leaving one more thread behind.
+    let mut env = TestEnv::new();
+    let path = env.path("silent.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    env.bus = Some(format!("unix:path={}", path.display()));
+    let served = common::serve(
+        &env,
+        &["--store", "secret-service", "--backend-timeout-ms", "400"],
+    )
+    .await;
+    let c = &served.client;
+    let extra = 8;
+    let mut calls = Vec::new();
+    for i in 0..MAX_RUNNING_CALLS + extra {
+        let op = common::resolve_op(&format!("n{i}"), None);
+        calls.push(c.start_call(op, Duration::from_secs(5)).await.unwrap());
+    }
+    let started = Instant::now();
+    let (mut refused, mut timed_out) = (0, 0);
+    for call in calls {
+        let e = common::expect_err(
+            c.finish(call).await.unwrap(),
+            ErrorCode::Unavailable,
+            "a call on a silent bus",
+        );
+        if e.message.contains("still running past their deadline") {
+            refused += 1;
+        } else {
+            assert!(e.message.contains("400 ms"), "{}", e.message);
+            timed_out += 1;
+        }
+    }
+    assert_eq!((refused, timed_out), (extra, MAX_RUNNING_CALLS));
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // The stuck threads never end, so the cap holds from now on, and is answered at once.
+    let (outcome, took) = common::timed(c, common::resolve_op("later", None)).await;
+    let e = common::expect_err(outcome, ErrorCode::Unavailable, "a call past the cap");
+    assert!(e.message.contains("still running"), "{}", e.message);
+    assert!(took < Duration::from_millis(300), "took {took:?}");
+    served.stop_within(Duration::from_secs(3)).await;
 }
 
 #[tokio::test]
