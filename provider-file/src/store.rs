@@ -108,9 +108,11 @@ pub struct Store {
     cache: Mutex<RecordCache>,
 }
 
-/// Names to record files, for List, rebuilt when the generation directory changes.
+/// Names to record files, for List, as of a generation and write counter: rebuilt from the
+/// directory when either moved because of another process (this one's writes update it).
 struct NameIndex {
-    stamp: Option<SystemTime>,
+    generation: u64,
+    counter: u64,
     names: BTreeMap<String, String>,
 }
 
@@ -234,14 +236,16 @@ fn read_counter(file: &File) -> Result<u64, StoreError> {
     Ok(if n == 8 { u64::from_le_bytes(buf) } else { 0 })
 }
 
-/// Bumps the write counter. Called under the store lock, after the record is durable and
-/// before the write is acknowledged. Not fsynced: after a crash every cache starts empty.
-fn bump_counter(file: &File) -> Result<(), StoreError> {
+/// Bumps the write counter and returns its value before and after. Called under the store
+/// lock, after the record is durable and before the write is acknowledged. Not fsynced: after a
+/// crash every cache starts empty.
+fn bump_counter(file: &File) -> Result<(u64, u64), StoreError> {
     use std::os::unix::fs::FileExt;
-    let next = read_counter(file)?.wrapping_add(1);
+    let before = read_counter(file)?;
+    let next = before.wrapping_add(1);
     file.write_at(&next.to_le_bytes(), 0)
         .map_err(|e| StoreError::io("cannot bump the store's write counter", e))?;
-    Ok(())
+    Ok((before, next))
 }
 
 fn read_header(dir: &Path) -> Result<Header, StoreError> {
@@ -549,14 +553,17 @@ impl Store {
         let file = record::file_name(&record.name);
         write_atomic(&self.current_dir(), &file, &record.encode()?, self.sync())?;
         // Before the write is acknowledged, every reader's cache must stop trusting it.
-        bump_counter(&self.counter)?;
-        if let Some(index) = self
-            .index
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_mut()
+        let (before, after) = bump_counter(&self.counter)?;
+        let generation = *self.generation.lock().unwrap_or_else(|p| p.into_inner());
+        let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        // Writes are serialized by the store lock: an index current just before this one is
+        // current after it once this record is in.
+        if let Some(index) = index.as_mut()
+            && index.generation == generation
+            && index.counter == before
         {
             index.names.insert(record.name.clone(), file);
+            index.counter = after;
         }
         Ok(())
     }
@@ -786,14 +793,18 @@ impl Store {
         Ok((entries, if more { last } else { None }))
     }
 
-    /// Every name, from the index, rebuilt when the generation directory changed.
+    /// Every name, from the index, rebuilt when a write of another process moved the counter.
+    /// The counter is read before the directory, so the index can only be stale early, never
+    /// late (as in [`Store::read_shared`]); a directory's mtime would miss a write made within
+    /// its timestamp's granularity.
     fn names(&self) -> Result<BTreeMap<String, String>, StoreError> {
-        let dir = self.current_dir();
-        let stamp = fs::metadata(&dir).and_then(|m| m.modified()).ok();
+        let counter = read_counter(&self.counter)?;
+        let generation = *self.generation.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = gen_dir(&self.dir, generation);
         let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(i) = index.as_ref()
-            && i.stamp.is_some()
-            && i.stamp == stamp
+            && i.generation == generation
+            && i.counter == counter
         {
             return Ok(i.names.clone());
         }
@@ -816,7 +827,8 @@ impl Store {
             }
         }
         *index = Some(NameIndex {
-            stamp,
+            generation,
+            counter,
             names: names.clone(),
         });
         Ok(names)

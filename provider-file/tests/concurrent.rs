@@ -139,3 +139,46 @@ async fn compare_and_swap_across_two_processes_is_atomic() {
     let d = common::describe(&cb, name).await;
     assert_eq!(d.current_version, Some((1 + 2 * n).to_string()));
 }
+
+/// The names on the first page of List from `client`.
+async fn listed(client: &Client) -> Vec<String> {
+    let op = Op::List {
+        prefix: String::new(),
+        page: None,
+        limit: 0,
+    };
+    match common::call(client, op).await {
+        Outcome::Ok(Reply::Listed { entries, .. }) => entries.into_iter().map(|d| d.name).collect(),
+        other => panic!("List answered {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn list_sees_another_process_write_even_when_the_directory_time_stands_still() {
+    // On a file system with coarse timestamps, two writes within one tick leave the directory's
+    // mtime where it was; the store's write counter moves with every write.
+    let store = common::key_store().await;
+    let a = common::serve(&store, &[]).await;
+    let b = common::serve(&store, &[]).await;
+    common::store(&a.client, "first", b"one").await;
+    assert_eq!(listed(&b.client).await, ["first"]);
+    let generation = std::fs::read_dir(&store.dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("gen-"))
+        .expect("a generation directory");
+    let mtime = std::fs::metadata(&generation).unwrap().modified().unwrap();
+
+    common::store(&a.client, "second", b"two").await;
+    std::fs::File::open(&generation)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    assert_eq!(listed(&b.client).await, ["first", "second"]);
+    // And this process's own writes keep its index current without a rescan.
+    common::store(&b.client, "third", b"three").await;
+    assert_eq!(listed(&b.client).await, ["first", "second", "third"]);
+    assert_eq!(listed(&a.client).await, ["first", "second", "third"]);
+    a.stop().await;
+    b.stop().await;
+}
