@@ -285,7 +285,7 @@ impl DirSource {
         let root =
             std::fs::canonicalize(&self.path).map_err(|e| ReadError::Dir(DirError::Io(e)))?;
         let result = self.consistent(
-            |base| Ok(read_in(&root, base, key, limit)),
+            |base| Ok(read_in(&self.path, &root, base, key, limit)),
             // A successful read came from an immutable generation directory: it is consistent
             // whether or not `..data` has moved since.
             |r| r.as_ref().is_ok_and(Option::is_some),
@@ -325,7 +325,7 @@ impl DirSource {
                         ));
                         continue;
                     }
-                    let meta = match read_in(&root, base, key, limit) {
+                    let meta = match read_in(&self.path, &root, base, key, limit) {
                         Ok(Some(v)) => Ok(KeyMeta {
                             key: key.to_string(),
                             version: version_of(&name, v.bytes.expose()),
@@ -357,12 +357,18 @@ fn is_generation(link: &Path) -> bool {
     )
 }
 
-/// Reads the key `key` of the directory `base`: `Ok(None)` if there is no such entry. The file
-/// read must lie inside `root` (the served directory, canonical): a key that is a link to a file
-/// elsewhere is [`KeyError::Outside`].
-fn read_in(root: &Path, base: &Path, key: &str, limit: usize) -> Result<Option<Value>, KeyError> {
+/// Reads the key `key` of the directory `base` (`served` or a directory in it): `Ok(None)` if
+/// there is no such entry. The file read must lie inside `root` (`served`, canonical): a key
+/// that is a link to a file elsewhere is [`KeyError::Outside`].
+fn read_in(
+    served: &Path,
+    root: &Path,
+    base: &Path,
+    key: &str,
+    limit: usize,
+) -> Result<Option<Value>, KeyError> {
     let path = base.join(OsStr::new(key));
-    match read_value(root, &path, limit) {
+    match read_value(served, root, &path, limit) {
         Ok(v) => Ok(Some(v)),
         Err(KeyError::Io(e)) if e.kind() == io::ErrorKind::NotFound => {
             if std::fs::symlink_metadata(&path).is_ok() {
@@ -376,23 +382,8 @@ fn read_in(root: &Path, base: &Path, key: &str, limit: usize) -> Result<Option<V
 }
 
 /// Reads a whole regular file of at most `limit` bytes, inside `root`, into zeroizing memory.
-///
-/// The path is resolved first and must lie inside `root`: a link out of the directory is refused
-/// before anything outside is opened. The resolved path is then opened without following a link
-/// in its last component, so a file swapped for a link meanwhile fails rather than leads out.
-/// (A directory inside `root` swapped for a link between the two steps is not caught: that needs
-/// `openat2` with `RESOLVE_BENEATH`, and write access to the served directory.)
-fn read_value(root: &Path, path: &Path, limit: usize) -> Result<Value, KeyError> {
-    let real = std::fs::canonicalize(path).map_err(KeyError::Io)?;
-    if !real.starts_with(root) {
-        return Err(KeyError::Outside);
-    }
-    // O_NONBLOCK: opening a FIFO must not hang; it has no effect on regular files.
-    let mut file = OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW)
-        .open(&real)
-        .map_err(KeyError::Io)?;
+fn read_value(served: &Path, root: &Path, path: &Path, limit: usize) -> Result<Value, KeyError> {
+    let mut file = open_beneath(served, root, path)?;
     let meta = file.metadata().map_err(KeyError::Io)?;
     if meta.is_dir() {
         return Err(KeyError::Directory);
@@ -411,6 +402,55 @@ fn read_value(root: &Path, path: &Path, limit: usize) -> Result<Value, KeyError>
     let expected = usize::try_from(meta.len()).unwrap_or(limit);
     let bytes = read_bounded(&mut file, expected, limit)?;
     Ok(Value { bytes, mtime_ms })
+}
+
+/// Opens `path` (inside `served`, whose canonical path is `root`) for reading, never a file
+/// outside `root`: a link leading out is [`KeyError::Outside`].
+///
+/// On Linux 5.6 and later the kernel first resolves the path beneath `root` in one step
+/// (`openat2` with `RESOLVE_BENEATH`), so no link, in the key or in a directory on the way,
+/// leads out, even one swapped in while the path is being resolved. That refuses absolute links
+/// even when they point inside; those (and kernels or seccomp filters without `openat2`) take the
+/// portable way: the path is resolved and must lie inside `root`, then opened without following
+/// a link in its last component. A directory swapped for a link between those two steps would
+/// lead out, so on Linux the file actually opened is checked once more, by its path in
+/// `/proc/self/fd`, before anything is read from it.
+fn open_beneath(served: &Path, root: &Path, path: &Path) -> Result<File, KeyError> {
+    #[cfg(target_os = "linux")]
+    if let Ok(relative) = path.strip_prefix(served) {
+        use rustix::fs::{Mode, OFlags, ResolveFlags};
+        use rustix::io::Errno;
+        let dir = File::open(root).map_err(KeyError::Io)?;
+        // NONBLOCK: opening a FIFO must not hang; it has no effect on regular files.
+        let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY;
+        let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
+        match rustix::fs::openat2(&dir, relative, flags, Mode::empty(), resolve) {
+            Ok(fd) => return Ok(File::from(fd)),
+            // Out of the directory, or an absolute link (perhaps to inside it); or no openat2
+            // here (an old kernel, a seccomp filter): the portable way decides.
+            Err(Errno::XDEV | Errno::NOSYS | Errno::PERM) => {}
+            Err(e) => return Err(KeyError::Io(e.into())),
+        }
+    }
+    let real = std::fs::canonicalize(path).map_err(KeyError::Io)?;
+    if !real.starts_with(root) {
+        return Err(KeyError::Outside);
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW)
+        .open(&real)
+        .map_err(KeyError::Io)?;
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let opened = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .map_err(KeyError::Io)?;
+        if !opened.starts_with(root) {
+            return Err(KeyError::Outside);
+        }
+    }
+    Ok(file)
 }
 
 /// Reads to the end, at most `limit` bytes, never leaving a copy behind in freed memory.

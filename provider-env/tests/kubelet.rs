@@ -600,3 +600,78 @@ async fn links_out_of_the_directory_are_not_followed() {
         "the outside file's content reached the log"
     );
 }
+
+#[test]
+fn a_directory_swapped_for_a_link_out_while_reading_never_serves_the_outside() {
+    // A writer of the served directory swaps the generation directory for a link out of it, and
+    // back, as fast as it can (an atomic exchange of two names). Each read resolves the key's
+    // path once; a resolution that checks the path and then opens it would follow the link out
+    // when the swap falls between the two.
+    use keyhole_provider_env::dir::DirSource;
+    use nix::fcntl::{RenameFlags, renameat2};
+
+    let outside = tempfile::tempdir().unwrap();
+    let secret = b"kh-outside-the-volume-5a1d";
+    std::fs::write(outside.path().join("password"), secret).unwrap();
+    let served = tempfile::tempdir().unwrap();
+    let generation = served.path().join("..gen");
+    std::fs::create_dir(&generation).unwrap();
+    std::fs::write(generation.join("password"), b"inside").unwrap();
+    symlink("..gen", served.path().join("..data")).unwrap();
+    symlink("..data/password", served.path().join("password")).unwrap();
+    let decoy = served.path().join("..decoy");
+    symlink(outside.path(), &decoy).unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let swaps = Arc::new(AtomicU64::new(0));
+    let swapper = std::thread::spawn({
+        let (stop, swaps, generation, decoy) = (
+            Arc::clone(&stop),
+            Arc::clone(&swaps),
+            generation.clone(),
+            decoy.clone(),
+        );
+        move || {
+            while !stop.load(Ordering::Relaxed) {
+                renameat2(
+                    None,
+                    &generation,
+                    None,
+                    &decoy,
+                    RenameFlags::RENAME_EXCHANGE,
+                )
+                .unwrap();
+                swaps.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    let source = DirSource {
+        path: served.path().to_path_buf(),
+        name_prefix: String::new(),
+    };
+    let (mut inside, mut refused) = (0u64, 0u64);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        match source.read_key("password", 1024) {
+            Ok(Some(v)) => {
+                assert_ne!(
+                    v.bytes.expose(),
+                    secret,
+                    "served the file outside the directory"
+                );
+                inside += 1;
+            }
+            Ok(None) | Err(_) => refused += 1,
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    swapper.join().unwrap();
+    assert!(
+        swaps.load(Ordering::Relaxed) > 1000,
+        "the swap raced the reads"
+    );
+    assert!(
+        inside > 0 && refused > 0,
+        "{inside} served, {refused} refused"
+    );
+}
