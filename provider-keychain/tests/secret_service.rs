@@ -184,9 +184,9 @@ async fn without_a_session_bus_health_is_unavailable_and_says_what_to_do() {
     assert!(String::from_utf8_lossy(&out).starts_with("Unavailable: "));
 }
 
-#[tokio::test]
-async fn a_bus_that_never_answers_yields_unavailable_at_the_backend_deadline() {
-    // A listener that accepts and never says a word: every D-Bus call would wait forever.
+/// The provider on a bus that accepts and never says a word (every D-Bus call would wait
+/// forever), with a 400 ms backend deadline; the listener must outlive the test's calls.
+async fn on_a_silent_bus() -> (TestEnv, std::os::unix::net::UnixListener, common::Served) {
     let mut env = TestEnv::new();
     let path = env.path("silent.sock");
     let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
@@ -196,6 +196,12 @@ async fn a_bus_that_never_answers_yields_unavailable_at_the_backend_deadline() {
         &["--store", "secret-service", "--backend-timeout-ms", "400"],
     )
     .await;
+    (env, listener, served)
+}
+
+#[tokio::test]
+async fn a_bus_that_never_answers_yields_unavailable_at_the_backend_deadline() {
+    let (env, listener, served) = on_a_silent_bus().await;
     let c = &served.client;
     let (report, took) = common::health(c).await;
     assert_eq!(report.status, HealthStatus::Unavailable, "{report:?}");
@@ -233,15 +239,7 @@ async fn a_bus_that_never_answers_yields_unavailable_at_the_backend_deadline() {
 async fn calls_stuck_on_a_silent_bus_hold_at_most_the_cap_of_threads() {
     // Each call stuck on a bus that never answers keeps its thread for good. Past the cap, calls
     // are refused at once instead of leaving one more thread behind.
-    let mut env = TestEnv::new();
-    let path = env.path("silent.sock");
-    let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    env.bus = Some(format!("unix:path={}", path.display()));
-    let served = common::serve(
-        &env,
-        &["--store", "secret-service", "--backend-timeout-ms", "400"],
-    )
-    .await;
+    let (_env, _listener, served) = on_a_silent_bus().await;
     let c = &served.client;
     let extra = 8;
     let mut calls = Vec::new();

@@ -618,21 +618,21 @@ mod tests {
 
     const WAIT: Duration = Duration::from_secs(10);
 
+    /// Sends a Watch of `db/`.
+    async fn start_watch(client: &Client) -> PendingCall {
+        let op = Op::Watch {
+            prefix: "db/".into(),
+        };
+        client.start_call(op, WAIT).await.unwrap()
+    }
+
     /// Opens a watch through `client`, answered by the provider's end; returns its id.
     async fn open_watch(
         client: &Client,
         requests: &mut FrameReader<BoxRead>,
         answers: &mut FrameWriter<BoxWrite>,
     ) -> u64 {
-        let call = client
-            .start_call(
-                Op::Watch {
-                    prefix: "db/".into(),
-                },
-                WAIT,
-            )
-            .await
-            .unwrap();
+        let call = start_watch(client).await;
         let watch = next_request(requests).await;
         send(answers, &answer(watch.id, Reply::Watching {})).await;
         assert_eq!(
@@ -671,15 +671,7 @@ mod tests {
         // Before the `watching` answer.
         let (tx, _rx) = event_channel();
         let (client, mut requests, mut answers) = pair(tx);
-        let _call = client
-            .start_call(
-                Op::Watch {
-                    prefix: "db/".into(),
-                },
-                WAIT,
-            )
-            .await
-            .unwrap();
+        let _call = start_watch(&client).await;
         let watch = next_request(&mut requests).await;
         send(&mut answers, &event(watch.id)).await;
         assert!(
