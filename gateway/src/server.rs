@@ -591,10 +591,12 @@ impl Gateway {
 /// first is taken (the gateway writes its client token file there, so a client that waits for
 /// the token file never finds the socket missing).
 ///
-/// Shutdown drains: no connection is accepted and no request read any more, but a request being
-/// handled finishes (its provider call, its audit record) and is answered, for up to the call
-/// timeout plus [`DRAIN_MARGIN`]; connections still busy then are closed. Returns once every
-/// connection has ended.
+/// Shutdown drains: no connection is accepted and no request read any more (a connection still
+/// in its hello is closed), and a request being handled is answered. Connections still busy the
+/// call timeout plus [`DRAIN_MARGIN`] after shutdown began (an answer that takes longer, a client
+/// that does not read it) are closed. A request runs on a task of its own, which closing its
+/// connection does not cancel: every request taken finishes, provider call and audit record
+/// alike (each bounded by its own deadlines), before this returns.
 pub async fn serve(
     gateway: Arc<Gateway>,
     path: &Path,
@@ -607,6 +609,7 @@ pub async fn serve(
     let token = Arc::new(token);
     let (draining, drain_rx) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
+    let requests = tokio_util::task::TaskTracker::new();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -614,7 +617,7 @@ pub async fn serve(
                 Ok(stream) => {
                     let uid = socket::peer_uid(&stream);
                     let (gateway, token) = (Arc::clone(&gateway), Arc::clone(&token));
-                    let drain_rx = drain_rx.clone();
+                    let (drain_rx, requests) = (drain_rx.clone(), requests.clone());
                     connections.spawn(async move {
                         let uid = match uid {
                             Ok(uid) => uid,
@@ -624,7 +627,8 @@ pub async fn serve(
                             }
                         };
                         let (read, write) = socket::into_halves(stream);
-                        let ended = connection(gateway, read, write, uid, &token, drain_rx).await;
+                        let ended =
+                            connection(gateway, read, write, uid, &token, drain_rx, requests).await;
                         if let Err(e) = ended {
                             tracing::debug!("client connection ended: {e}");
                         }
@@ -652,8 +656,23 @@ pub async fn serve(
         connections.abort_all();
         while connections.join_next().await.is_some() {}
     }
+    requests.close();
+    if tokio::time::timeout(REQUEST_BOUND, requests.wait())
+        .await
+        .is_err()
+    {
+        tracing::error!(
+            "{} requests still running {REQUEST_BOUND:?} after their connections closed; \
+             their audit records may be missing",
+            requests.len()
+        );
+    }
     Ok(())
 }
+
+/// A failsafe: no request outlives its connection's close by this much, since each of its
+/// steps has a deadline of its own (provider calls, the audit commit).
+const REQUEST_BOUND: Duration = Duration::from_secs(120);
 
 /// How long past the call timeout a shutting-down gateway waits for the requests it is handling:
 /// their audit commit and the answer's write.
@@ -670,10 +689,16 @@ async fn connection(
     uid: u32,
     token: &Token,
     mut draining: tokio::sync::watch::Receiver<bool>,
+    requests: tokio_util::task::TaskTracker,
 ) -> std::io::Result<()> {
     let mut reader = FrameReader::new(read, HANDSHAKE_MAX_FRAME);
     let mut writer = FrameWriter::new(write, HANDSHAKE_MAJOR, Encoding::Json, HANDSHAKE_MAX_FRAME);
-    let hello = match tokio::time::timeout(Duration::from_secs(5), reader.next()).await {
+    let first = tokio::select! {
+        biased;
+        _ = draining.wait_for(|now| *now) => return Ok(()),
+        first = tokio::time::timeout(Duration::from_secs(5), reader.next()) => first,
+    };
+    let hello = match first {
         Ok(Ok(Some(frame))) => decode::<ClientHello>(Encoding::Json, frame.payload).ok(),
         _ => return Ok(()),
     };
@@ -723,9 +748,22 @@ async fn connection(
                 return Ok(());
             }
         };
-        let result = match gateway.handle(&caller, request.op).await {
-            Ok(reply) => ApiResult::Ok(reply),
-            Err(e) => ApiResult::Err(e),
+        // On a task of its own: a shutdown that closes this connection does not cut a request
+        // between its provider call and its audit record.
+        let handling = requests.spawn({
+            let gateway = Arc::clone(&gateway);
+            async move { gateway.handle(&caller, request.op).await }
+        });
+        let result = match handling.await {
+            Ok(Ok(reply)) => ApiResult::Ok(reply),
+            Ok(Err(e)) => ApiResult::Err(e),
+            Err(e) => {
+                tracing::error!(uid, "a request's task failed: {e}");
+                ApiResult::Err(err(
+                    ErrorCode::Internal,
+                    "the request failed inside the gateway; its log says why",
+                ))
+            }
         };
         if let Err(e) = writer.queue(&ApiResponse {
             id: request.id,

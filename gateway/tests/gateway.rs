@@ -660,6 +660,8 @@ async fn shutdown_answers_the_request_in_flight_and_then_closes_every_connection
     .await;
     let (mut busy_reader, mut busy) = served.client().await;
     let (mut idle_reader, _idle) = served.client().await;
+    // Connected, but no hello yet: the gateway would wait 5 s for it.
+    let mut silent = tokio::net::UnixStream::connect(&served.path).await.unwrap();
     busy.queue(&ApiRequest {
         id: 7,
         op: put("in/flight", b"a value being stored"),
@@ -674,6 +676,14 @@ async fn shutdown_answers_the_request_in_flight_and_then_closes_every_connection
         .await
         .expect("the idle connection closes promptly");
     assert!(matches!(idle_end, Ok(None)), "{idle_end:?}");
+    let mut byte = [0u8; 1];
+    let silent_end = tokio::time::timeout(
+        Duration::from_millis(500),
+        tokio::io::AsyncReadExt::read(&mut silent, &mut byte),
+    )
+    .await
+    .expect("a connection still in its hello closes promptly");
+    assert_eq!(silent_end.unwrap(), 0);
     assert!(
         !served.task.is_finished(),
         "serve returned with a request in flight"

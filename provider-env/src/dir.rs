@@ -407,10 +407,10 @@ fn read_value(served: &Path, root: &Path, path: &Path, limit: usize) -> Result<V
 /// Opens `path` (inside `served`, whose canonical path is `root`) for reading, never a file
 /// outside `root`: a link leading out is [`KeyError::Outside`].
 ///
-/// On Linux 5.6 and later the kernel first resolves the path beneath `root` in one step
-/// (`openat2` with `RESOLVE_BENEATH`), so no link, in the key or in a directory on the way,
-/// leads out, even one swapped in while the path is being resolved. That refuses absolute links
-/// even when they point inside; those (and kernels or seccomp filters without `openat2`) take the
+/// On Linux 5.6 and later the kernel resolves the path beneath `root` in one step (`openat2`
+/// with `RESOLVE_BENEATH`): a path that stays inside is opened with no window for a link to be
+/// swapped in. The kernel refuses a path that would leave `root`, and also any absolute link,
+/// even one pointing inside; those (and kernels or seccomp filters without `openat2`) take the
 /// portable way: the path is resolved and must lie inside `root`, then opened without following
 /// a link in its last component. A directory swapped for a link between those two steps would
 /// lead out, so on Linux the file actually opened is checked once more, by its path in
@@ -424,12 +424,18 @@ fn open_beneath(served: &Path, root: &Path, path: &Path) -> Result<File, KeyErro
         // NONBLOCK: opening a FIFO must not hang; it has no effect on regular files.
         let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY;
         let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
-        match rustix::fs::openat2(&dir, relative, flags, Mode::empty(), resolve) {
-            Ok(fd) => return Ok(File::from(fd)),
-            // Out of the directory, or an absolute link (perhaps to inside it); or no openat2
-            // here (an old kernel, a seccomp filter): the portable way decides.
-            Err(Errno::XDEV | Errno::NOSYS | Errno::PERM) => {}
-            Err(e) => return Err(KeyError::Io(e.into())),
+        // EAGAIN: a rename raced the resolution, which the kernel refuses rather than risk it.
+        let mut tries = 0;
+        loop {
+            match rustix::fs::openat2(&dir, relative, flags, Mode::empty(), resolve) {
+                Ok(fd) => return Ok(File::from(fd)),
+                Err(Errno::AGAIN) if tries < 3 => tries += 1,
+                // Out of the directory, or an absolute link (perhaps to inside it); no openat2
+                // here (an old kernel, a seccomp filter); renames that kept racing: the portable
+                // way decides.
+                Err(Errno::XDEV | Errno::NOSYS | Errno::PERM | Errno::AGAIN) => break,
+                Err(e) => return Err(KeyError::Io(e.into())),
+            }
         }
     }
     let real = std::fs::canonicalize(path).map_err(KeyError::Io)?;
@@ -438,7 +444,7 @@ fn open_beneath(served: &Path, root: &Path, path: &Path) -> Result<File, KeyErro
     }
     let file = OpenOptions::new()
         .read(true)
-        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW | nix::libc::O_NOCTTY)
         .open(&real)
         .map_err(KeyError::Io)?;
     #[cfg(target_os = "linux")]

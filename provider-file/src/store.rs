@@ -809,8 +809,18 @@ impl Store {
             return Ok(i.names.clone());
         }
         let mut names = BTreeMap::new();
-        let entries = fs::read_dir(&dir)
-            .map_err(|e| StoreError::io(format!("cannot list {}", dir.display()), e))?;
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            // Another process rewrapped the store (and removed this generation): follow it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                drop(index);
+                if self.follow_generation()? {
+                    return self.names();
+                }
+                return Err(StoreError::io(format!("cannot list {}", dir.display()), e));
+            }
+            Err(e) => return Err(StoreError::io(format!("cannot list {}", dir.display()), e)),
+        };
         for entry in entries.flatten() {
             let file = entry.file_name().to_string_lossy().into_owned();
             if file.starts_with('.') {

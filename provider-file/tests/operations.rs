@@ -209,6 +209,45 @@ async fn rewrap_to_a_new_key_file() {
 }
 
 #[tokio::test]
+async fn a_provider_running_through_a_rewrap_answers_list_as_rekeyed() {
+    let store = common::key_store().await;
+    let served = common::serve(&store, &[]).await;
+    common::store(&served.client, "a", b"before rewrap").await;
+    let list = || Op::List {
+        prefix: String::new(),
+        page: None,
+        limit: 0,
+    };
+    assert!(matches!(
+        common::call(&served.client, list()).await,
+        Outcome::Ok(Reply::Listed { entries, .. }) if entries.len() == 1
+    ));
+    let mut args = vec!["rewrap".into(), "--store".into(), store.dir.clone().into()];
+    args = with_secret(args, &store.secret);
+    args.extend([
+        "--new-key-file".into(),
+        store.path("new.key").into(),
+        "--generate-key".into(),
+    ]);
+    common::cli(&args).await.ok();
+    // The generation it listed is gone: it follows the header to the new one, which its key
+    // does not open, and says so, as Resolve does.
+    let resolve = Op::Resolve {
+        name: "a".into(),
+        version: None,
+    };
+    for op in [list(), resolve] {
+        let e = common::expect_err(
+            common::call(&served.client, op).await,
+            ErrorCode::Unauthenticated,
+            "after a rewrap by another process",
+        );
+        assert!(e.message.contains("re-keyed"), "{}", e.message);
+    }
+    served.stop().await;
+}
+
+#[tokio::test]
 async fn rewrap_from_a_key_file_to_a_passphrase_and_back() {
     let store = common::key_store().await;
     populate(&store).await;

@@ -64,8 +64,9 @@ impl KeychainProvider {
             ProviderError::new(
                 ErrorCode::Unavailable,
                 format!(
-                    "{} keychain calls are still running past their deadline, the most this \
-                     provider allows: {} hangs or waits on a prompt; restart its daemon",
+                    "{} keychain calls are running, the most this provider allows (a call stuck \
+                     past its deadline keeps its place): {} is overloaded, or hangs or waits on \
+                     a prompt; retry, or restart its daemon",
                     MAX_RUNNING_CALLS,
                     self.kc.kind().describe()
                 ),

@@ -8,9 +8,10 @@
 //! Watch events go to a bounded queue ([`event_channel`]). An event for a watch that is not open
 //! (no `watching` answer yet, refused, cancelled, or never asked for) breaks the protocol and
 //! closes the connection, so a provider cannot fill the gateway's memory with events nobody
-//! asked for. When the queue is full the router waits for room, up to [`EVENT_DEADLINE`], and then
-//! closes the connection rather than drop an event; when its receiver is gone, events are
-//! discarded.
+//! asked for. When the queue is full the router waits for room, up to [`EVENT_DEADLINE`] for each
+//! event, and then closes the connection rather than drop one; meanwhile it reads nothing else
+//! from the connection, so the answers behind that event wait too (a consumer must keep taking
+//! events while it waits for answers). When the queue's receiver is gone, events are discarded.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -193,17 +194,23 @@ pub struct Answer {
 struct Pending {
     tx: oneshot::Sender<Answer>,
     want_raw: bool,
-    /// The watch this request cancels, if it is a Cancel.
-    cancels: Option<u64>,
+}
+
+/// The watches of a connection, kept apart from the pending calls so that a watch or a Cancel
+/// whose caller stopped waiting still takes effect when its answer comes.
+#[derive(Default)]
+struct Watches {
+    /// Watch requests sent (`false`) and open, answered `watching` (`true`): the ids an event may
+    /// carry once open.
+    open: HashMap<u64, bool>,
+    /// Cancel requests sent, with the watch each ends once its `cancel_ack` comes.
+    cancels: HashMap<u64, u64>,
 }
 
 struct Shared {
     pending: Mutex<HashMap<u64, Pending>>,
     closed: Mutex<Option<CallError>>,
-    /// Watch requests sent (`false`) and open, answered `watching` (`true`): the ids an event
-    /// may carry once open. Kept apart from `pending`, so a watch whose caller stopped waiting
-    /// still opens.
-    watches: Mutex<HashMap<u64, bool>>,
+    watches: Mutex<Watches>,
 }
 
 impl Shared {
@@ -211,7 +218,7 @@ impl Shared {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lock_watches(&self) -> std::sync::MutexGuard<'_, HashMap<u64, bool>> {
+    fn lock_watches(&self) -> std::sync::MutexGuard<'_, Watches> {
         self.watches.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -254,7 +261,7 @@ impl Client {
         let shared = Arc::new(Shared {
             pending: Mutex::new(HashMap::new()),
             closed: Mutex::new(None),
-            watches: Mutex::new(HashMap::new()),
+            watches: Mutex::new(Watches::default()),
         });
         let reader_task = tokio::spawn(route(reader, ack.encoding, Arc::clone(&shared), events));
         Client {
@@ -347,22 +354,18 @@ impl Client {
     fn register(&self, op: &Op, want_raw: bool) -> (u64, oneshot::Receiver<Answer>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        let cancels = match op {
+        match op {
             Op::Watch { .. } => {
-                self.shared.lock_watches().insert(id, false);
-                None
+                self.shared.lock_watches().open.insert(id, false);
             }
-            Op::Cancel { id: target } => Some(*target),
-            _ => None,
-        };
-        self.shared.lock_pending().insert(
-            id,
-            Pending {
-                tx,
-                want_raw,
-                cancels,
-            },
-        );
+            Op::Cancel { id: target } => {
+                self.shared.lock_watches().cancels.insert(id, *target);
+            }
+            _ => {}
+        }
+        self.shared
+            .lock_pending()
+            .insert(id, Pending { tx, want_raw });
         (id, rx)
     }
 
@@ -416,7 +419,9 @@ impl Client {
     /// Forgets request `id`, which was not sent.
     fn unsent(&self, id: u64) {
         self.shared.lock_pending().remove(&id);
-        self.shared.lock_watches().remove(&id);
+        let mut watches = self.shared.lock_watches();
+        watches.open.remove(&id);
+        watches.cancels.remove(&id);
     }
 
     async fn wait(
@@ -489,20 +494,20 @@ async fn route(
             ProviderMessage::Response(resp) => {
                 {
                     let mut watches = shared.lock_watches();
-                    if let Some(open) = watches.get_mut(&resp.id) {
+                    if let Some(open) = watches.open.get_mut(&resp.id) {
                         match &resp.outcome {
                             Outcome::Ok(Reply::Watching {}) => *open = true,
                             _ => {
-                                watches.remove(&resp.id);
+                                watches.open.remove(&resp.id);
                             }
                         }
                     }
+                    if let Some(target) = watches.cancels.remove(&resp.id) {
+                        // After the CancelAck no event of that watch may come.
+                        watches.open.remove(&target);
+                    }
                 }
                 let pending = shared.lock_pending().remove(&resp.id);
-                if let Some(target) = pending.as_ref().and_then(|p| p.cancels) {
-                    // After the CancelAck no event of that watch may come.
-                    shared.lock_watches().remove(&target);
-                }
                 if let Some(p) = pending {
                     let raw = p.want_raw.then(|| Zeroizing::new(frame.payload.to_vec()));
                     let _ = p.tx.send(Answer {
@@ -512,7 +517,7 @@ async fn route(
                 }
             }
             ProviderMessage::Event(ev) => {
-                if shared.lock_watches().get(&ev.watch_id) != Some(&true) {
+                if shared.lock_watches().open.get(&ev.watch_id) != Some(&true) {
                     break CallError::Closed(format!(
                         "provider broke the protocol: an event for watch {}, which is not open",
                         ev.watch_id
@@ -695,6 +700,27 @@ mod tests {
             Outcome::Ok(Reply::CancelAck { found: true })
         );
         assert_eq!(rx.recv().await.unwrap().watch_id, id);
+        send(&mut answers, &event(id)).await;
+        assert!(
+            matches!(client.wait_closed(WAIT).await, Some(CallError::Closed(m)) if m.contains("not open"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cancel_whose_caller_stopped_waiting_still_ends_the_watch() {
+        let (tx, _rx) = event_channel();
+        let (client, mut requests, mut answers) = pair(tx);
+        let id = open_watch(&client, &mut requests, &mut answers).await;
+        let gave_up = client
+            .call_with_timeout_ms(Op::Cancel { id }, 1000, Duration::from_millis(1))
+            .await;
+        assert!(matches!(gave_up, Err(CallError::Timeout(_))), "{gave_up:?}");
+        let request = next_request(&mut requests).await;
+        send(
+            &mut answers,
+            &answer(request.id, Reply::CancelAck { found: true }),
+        )
+        .await;
         send(&mut answers, &event(id)).await;
         assert!(
             matches!(client.wait_closed(WAIT).await, Some(CallError::Closed(m)) if m.contains("not open"))
