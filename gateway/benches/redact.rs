@@ -85,6 +85,36 @@ fn add_to_many(c: &mut Criterion) {
     group.finish();
 }
 
+/// The slowest single step (one more 64 B value, then the first redaction) while a redactor
+/// grows from empty to `count` values one at a time, as a gateway's does: what the unluckiest
+/// request waits for. Each iteration grows a fresh redactor; the time reported is that growth's
+/// slowest step.
+fn slowest_step(c: &mut Criterion) {
+    let mut group = c.benchmark_group("redactor: the slowest step while growing one at a time");
+    group.sample_size(10);
+    for count in [1000usize, 10_000] {
+        let values: Vec<Vec<u8>> = (0..count as u64).map(|s| value(64, s + 7)).collect();
+        group.bench_function(BenchmarkId::from_parameter(count), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let redactor = Redactor::new();
+                    let mut worst = Duration::ZERO;
+                    for v in &values {
+                        let started = Instant::now();
+                        redactor.add(v);
+                        black_box(redactor.redact_str("v1").len());
+                        worst = worst.max(started.elapsed());
+                    }
+                    total += worst;
+                }
+                total
+            })
+        });
+    }
+    group.finish();
+}
+
 /// Redacting output with many values held: added together (one automaton, the baseline), and
 /// added one at a time with a redaction after each, as a gateway resolves them (a few tiers).
 fn redact_output(c: &mut Criterion) {
@@ -116,5 +146,11 @@ fn redact_output(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, register_and_build, add_to_many, redact_output);
+criterion_group!(
+    benches,
+    register_and_build,
+    add_to_many,
+    slowest_step,
+    redact_output
+);
 criterion_main!(benches);
