@@ -51,10 +51,9 @@ struct Cli {
     /// Run only provider-file's resolve at 100 and at 100,000 records (interleaved, in process).
     #[arg(long, conflicts_with_all = ["only_e2e", "only_floor"])]
     only_file_store: bool,
-    /// With `--only-floor`: measure under this placement alone (`scheduler`, `one-core` or
-    /// `two-cores`), for profiling one of them.
-    #[arg(long, requires = "only_floor", value_parser = ["scheduler", "one-core", "two-cores"])]
-    placement: Option<String>,
+    /// With `--only-floor`: measure under this placement alone, for profiling one of them.
+    #[arg(long, requires = "only_floor", value_enum)]
+    placement: Option<Placement>,
     /// Internal: run the raw echo server on this socket.
     #[arg(long, hide = true)]
     echo_server: Option<PathBuf>,
@@ -117,7 +116,7 @@ fn main() {
                 if cli.only_e2e {
                     rt.block_on(e2e_only(effort))
                 } else if cli.only_floor {
-                    rt.block_on(floor_only(effort, cli.placement.as_deref()))
+                    rt.block_on(floor_only(effort, cli.placement))
                 } else if cli.only_file_store {
                     rt.block_on(file_store_rows(cli.smoke, &std::env::temp_dir()))
                         .map(|rows| table(rows, cli.smoke))
@@ -443,13 +442,15 @@ async fn resolve_block(
 }
 
 /// Where [`paired_floor`] runs its processes.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 enum Placement {
     /// Wherever the scheduler puts them.
     Scheduler,
     /// The bench on CPU 0, every server and the provider on CPU 0 too.
+    #[value(name = "one-core")]
     SameCore,
     /// The bench on CPU 0, every server and the provider on CPU 1.
+    #[value(name = "two-cores")]
     CrossCore,
 }
 
@@ -965,7 +966,7 @@ async fn e2e_only(effort: Effort) -> Result<String, String> {
     ))
 }
 
-async fn floor_only(effort: Effort, only: Option<&str>) -> Result<String, String> {
+async fn floor_only(effort: Effort, only: Option<Placement>) -> Result<String, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let memory = sibling("keyhole-provider-memory")?;
     let mut out = String::new();
@@ -977,9 +978,7 @@ async fn floor_only(effort: Effort, only: Option<&str>) -> Result<String, String
             ));
             placements()
         }
-        Some("one-core") => vec![Placement::SameCore],
-        Some("two-cores") => vec![Placement::CrossCore],
-        Some(_) => vec![Placement::Scheduler],
+        Some(placement) => vec![placement],
     };
     for placement in placements {
         let f = paired_floor(effort, dir.path(), &memory, placement).await?;

@@ -152,12 +152,7 @@ pub(crate) async fn open(
             let stderr = match attempt.process {
                 Some(mut p) => {
                     p.kill().await;
-                    let tail = p.output().tail(2048);
-                    if tail.trim().is_empty() {
-                        String::new()
-                    } else {
-                        format!("; its stderr ends with: {}", tail.trim_end())
-                    }
+                    p.output().suffix(2048)
                 }
                 None => String::new(),
             };

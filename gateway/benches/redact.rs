@@ -12,18 +12,14 @@ use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
 use keyhole_gateway::redact::Redactor;
+use rand::rngs::StdRng;
+use rand::{RngCore, SeedableRng};
 
-/// `len` pseudo-random bytes (xorshift), different for each `seed`.
+/// `len` pseudo-random bytes, the same for the same `seed`.
 fn value(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ seed.wrapping_mul(0xD1B5_4A32_D192_ED03);
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        })
-        .collect()
+    let mut bytes = vec![0u8; len];
+    StdRng::seed_from_u64(seed).fill_bytes(&mut bytes);
+    bytes
 }
 
 fn register_and_build(c: &mut Criterion) {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use keyhole_protocol::{Encoding, HelloAck, Op, Outcome};
 use keyhole_transport::client::{CallError, Client, HelloOptions, handshake};
 use keyhole_transport::socket;
-use keyhole_transport::spawn::{OutputSink, SpawnOptions, Spawned, spawn};
+use keyhole_transport::spawn::{Captured, OutputSink, SpawnOptions, Spawned, spawn};
 
 use crate::redact::Redactor;
 
@@ -373,11 +373,11 @@ impl Supervised {
                 let mut options = SpawnOptions::new(program, args.clone(), self.spec.encoding);
                 options.env = env.clone();
                 options.handshake_timeout = budget;
-                let recent = RecentOutput::default();
+                let recent = Captured::keeping(RECENT_OUTPUT);
                 options.output_sink = Some(self.log_sink(recent.clone()));
-                let (process, conn) = spawn(&options)
-                    .await
-                    .map_err(|e| format!("{}{}", e.without_output(), recent.suffix()))?;
+                let (process, conn) = spawn(&options).await.map_err(|e| {
+                    format!("{}{}", e.without_output(), recent.suffix(RECENT_OUTPUT))
+                })?;
                 Ok(Running {
                     client: Arc::new(Client::start(conn.reader, conn.writer, conn.ack, tx)),
                     process: Some(process),
@@ -421,7 +421,7 @@ impl Supervised {
 
     /// Provider output goes to the gateway's log, line by line (at most [`MAX_LOG_LINE`] bytes
     /// each), redacted, and its redacted tail to `recent`, for the message if the start fails.
-    fn log_sink(&self, recent: RecentOutput) -> OutputSink {
+    fn log_sink(&self, recent: Captured) -> OutputSink {
         let name = self.spec.name.clone();
         let stream = Mutex::new(self.redactor.stream());
         let pending = Mutex::new(Vec::<u8>::new());
@@ -446,36 +446,9 @@ impl Supervised {
     }
 }
 
-/// The last [`RECENT_OUTPUT`] bytes of a provider's output, cut from the redacted stream. The
-/// stream redactor saw the output from its first byte, so cutting what it released can split a
-/// `[REDACTED]` marker but never expose part of a value. (The transport's own tail is cut from
-/// raw output first, where a value straddling the cut would leave its remainder unrecognised.)
-/// Output the redactor still holds back, because it may begin a value, is not in it.
-#[derive(Clone, Default)]
-struct RecentOutput(Arc<Mutex<Vec<u8>>>);
-
-/// How much of a provider's recent output an error message quotes.
+/// How much of a provider's recent output an error message quotes. It is cut from the redacted
+/// stream, which saw the output from its first byte, so the cut can split a `[REDACTED]` marker
+/// but never expose part of a value. (The transport's own tail is cut from raw output first,
+/// where a value straddling the cut would leave its remainder unrecognised.) Output the redactor
+/// still holds back, because it may begin a value, is not in it.
 const RECENT_OUTPUT: usize = 4096;
-
-impl RecentOutput {
-    fn push(&self, clean: &[u8]) {
-        let mut buf = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        buf.extend_from_slice(clean);
-        if buf.len() > 2 * RECENT_OUTPUT {
-            let cut = buf.len() - RECENT_OUTPUT;
-            buf.drain(..cut);
-        }
-    }
-
-    /// `; its output ends with:` and the tail, or nothing if there was none.
-    fn suffix(&self) -> String {
-        let buf = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let tail = &buf[buf.len().saturating_sub(RECENT_OUTPUT)..];
-        let text = String::from_utf8_lossy(tail);
-        if text.trim().is_empty() {
-            String::new()
-        } else {
-            format!("; its output ends with:\n{}", text.trim_end())
-        }
-    }
-}

@@ -252,30 +252,26 @@ impl Shared {
         tier: Tier,
         this: &Weak<RwLock<Shared>>,
     ) {
-        let from = merged
+        let place = merged
             .first()
-            .and_then(|first| self.tiers.iter().position(|t| t.is(first)));
-        let to = from.map(|f| f + merged.len());
-        match (from, to) {
-            (Some(from), Some(to))
-                if to <= self.tiers.len()
-                    && self.tiers[from..to]
-                        .iter()
-                        .zip(merged)
-                        .all(|(t, parts)| t.is(parts)) =>
-            {
-                self.tiers.splice(from..to, [tier]);
-                // The next search takes a snapshot with the merged tier.
-                self.matcher = None;
-                self.merge_in_background(this);
-            }
+            .and_then(|first| self.tiers.iter().position(|t| t.is(first)))
+            .map(|from| from..from + merged.len())
+            .filter(|range| {
+                self.tiers
+                    .get(range.clone())
+                    .is_some_and(|tiers| tiers.iter().zip(merged).all(|(t, parts)| t.is(parts)))
+            });
+        let Some(place) = place else {
             // Unreachable (only this merge changes tiers marked merging): keep what serves.
-            _ => {
-                for tier in &mut self.tiers {
-                    tier.merging = false;
-                }
+            for tier in &mut self.tiers {
+                tier.merging = false;
             }
-        }
+            return;
+        };
+        self.tiers.splice(place, [tier]);
+        // The next search takes a snapshot with the merged tier.
+        self.matcher = None;
+        self.merge_in_background(this);
     }
 }
 
@@ -368,10 +364,7 @@ impl Redactor {
         for (start, end) in runs {
             let start = floor_char_boundary(input, start);
             let end = ceil_char_boundary(input, end);
-            match widened.last_mut() {
-                Some(last) if start <= last.1 => last.1 = last.1.max(end),
-                _ => widened.push((start, end)),
-            }
+            add_run(&mut widened, start, end);
         }
         let mut out = Vec::with_capacity(input.len());
         let mut in_run = false;
@@ -527,16 +520,7 @@ impl Ready {
                 .copied()
                 .unwrap_or(found.len());
             let end = found.start().saturating_add(cover);
-            let run_end = match runs.last_mut() {
-                Some(last) if found.start() <= last.1 => {
-                    last.1 = last.1.max(end);
-                    last.1
-                }
-                _ => {
-                    runs.push((found.start(), end));
-                    end
-                }
-            };
+            let run_end = add_run(&mut runs, found.start(), end);
             // An occurrence starting at `p` ends by `p + max_cover`: one that starts early
             // enough to end inside the current run cannot extend it, so skip those starts.
             from = (found.start() + 1).max(run_end.saturating_sub(self.max_cover));
@@ -574,29 +558,19 @@ impl Matcher {
         limit: usize,
         carry: usize,
     ) -> Result<Vec<(usize, usize)>, Unredactable> {
-        match self.tiers.as_slice() {
-            [] if carry > 0 => Ok(vec![(0, carry)]),
-            [] => Ok(Vec::new()),
-            [only] => only.covered_runs(buf, limit, carry),
-            tiers => {
-                let mut all = Vec::new();
-                if carry > 0 {
-                    all.push((0, carry));
-                }
-                for tier in tiers {
-                    all.extend(tier.covered_runs(buf, limit, 0)?);
-                }
-                all.sort_unstable();
-                let mut runs: Vec<(usize, usize)> = Vec::with_capacity(all.len());
-                for (start, end) in all {
-                    match runs.last_mut() {
-                        Some(last) if start <= last.1 => last.1 = last.1.max(end),
-                        _ => runs.push((start, end)),
-                    }
-                }
-                Ok(runs)
-            }
+        if let [only] = self.tiers.as_slice() {
+            return only.covered_runs(buf, limit, carry);
         }
+        let mut all = vec![(0, carry)];
+        for tier in &self.tiers {
+            all.extend(tier.covered_runs(buf, limit, 0)?);
+        }
+        all.sort_unstable();
+        let mut runs = Vec::with_capacity(all.len());
+        for (start, end) in all.into_iter().filter(|(start, end)| end > start) {
+            add_run(&mut runs, start, end);
+        }
+        Ok(runs)
     }
 
     /// Emits the part of `buf` that is decided (all of it at end of stream) and returns its length.
@@ -649,6 +623,21 @@ impl Matcher {
                 decided
             }
             Err(Unredactable) => fail_closed(carry, in_run, out),
+        }
+    }
+}
+
+/// Adds the run `[start, end)` to `runs` (sorted by start, none starting before the last),
+/// merged with the last run when they overlap or touch; returns where the last run now ends.
+fn add_run(runs: &mut Vec<(usize, usize)>, start: usize, end: usize) -> usize {
+    match runs.last_mut() {
+        Some(last) if start <= last.1 => {
+            last.1 = last.1.max(end);
+            last.1
+        }
+        _ => {
+            runs.push((start, end));
+            end
         }
     }
 }
@@ -734,7 +723,7 @@ impl StreamRedactor {
     }
 
     fn advance(&mut self, chunk: &[u8], end_of_stream: bool) -> Vec<u8> {
-        append_wiping(&mut self.held, chunk);
+        keyhole_protocol::extend_wiping(&mut self.held, chunk);
         let matcher = self.redactor.matcher();
         let mut out = Vec::with_capacity(self.held.len().saturating_add(REPLACEMENT.len()));
         let emitted = matcher.process(
@@ -747,20 +736,6 @@ impl StreamRedactor {
         remove_front_wiping(&mut self.held, emitted);
         out
     }
-}
-
-/// Appends `data` to `buf`, moving to a larger buffer by hand so the old one is wiped.
-fn append_wiping(buf: &mut Secret, data: &[u8]) {
-    let needed = buf.len().saturating_add(data.len());
-    if needed > buf.capacity() {
-        let mut larger = Zeroizing::new(Vec::with_capacity(
-            needed.max(buf.capacity().saturating_mul(2)),
-        ));
-        larger.extend_from_slice(buf);
-        std::mem::swap(buf, &mut larger);
-        // `larger` now holds the old buffer and wipes it on drop.
-    }
-    buf.extend_from_slice(data);
 }
 
 /// Removes the first `count` bytes of `buf`, wiping the bytes left behind past the new end, and
@@ -1342,18 +1317,13 @@ mod tests {
         }
     }
 
-    /// `len` pseudo-random bytes (xorshift): no window of a head's length recurs in them, so
-    /// the value's head occurs only where the value starts.
+    /// `len` pseudo-random bytes (a fixed seed): no window of a head's length recurs in them,
+    /// so the value's head occurs only where the value starts.
     fn long_value(len: usize) -> Vec<u8> {
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 24) as u8
-            })
-            .collect()
+        use rand::{RngCore, SeedableRng};
+        let mut bytes = vec![0u8; len];
+        rand::rngs::StdRng::seed_from_u64(0x9E37_79B9).fill_bytes(&mut bytes);
+        bytes
     }
 
     #[test]

@@ -592,11 +592,10 @@ impl Gateway {
 /// the token file never finds the socket missing).
 ///
 /// Shutdown drains: no connection is accepted and no request read any more (a connection still
-/// in its hello is closed), and a request being handled is answered. Connections still busy the
-/// call timeout plus [`DRAIN_MARGIN`] after shutdown began (an answer that takes longer, a client
-/// that does not read it) are closed. A request runs on a task of its own, which closing its
-/// connection does not cancel: every request taken finishes, provider call and audit record
-/// alike (each bounded by its own deadlines), before this returns.
+/// in its hello is closed), and a request being handled finishes, provider call and audit record
+/// alike, and is answered. Each of those steps has a deadline of its own (the call timeout, the
+/// client write timeout), so every connection ends by itself; [`DRAIN_BOUND`] is only a
+/// failsafe. Returns once every connection has ended.
 pub async fn serve(
     gateway: Arc<Gateway>,
     path: &Path,
@@ -609,7 +608,6 @@ pub async fn serve(
     let token = Arc::new(token);
     let (draining, drain_rx) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
-    let requests = tokio_util::task::TaskTracker::new();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -617,7 +615,7 @@ pub async fn serve(
                 Ok(stream) => {
                     let uid = socket::peer_uid(&stream);
                     let (gateway, token) = (Arc::clone(&gateway), Arc::clone(&token));
-                    let (drain_rx, requests) = (drain_rx.clone(), requests.clone());
+                    let drain_rx = drain_rx.clone();
                     connections.spawn(async move {
                         let uid = match uid {
                             Ok(uid) => uid,
@@ -627,8 +625,7 @@ pub async fn serve(
                             }
                         };
                         let (read, write) = socket::into_halves(stream);
-                        let ended =
-                            connection(gateway, read, write, uid, &token, drain_rx, requests).await;
+                        let ended = connection(gateway, read, write, uid, &token, drain_rx).await;
                         if let Err(e) = ended {
                             tracing::debug!("client connection ended: {e}");
                         }
@@ -643,40 +640,25 @@ pub async fn serve(
     }
     drop(listener);
     let _ = draining.send(true);
-    let deadline = gateway.call_timeout.saturating_add(DRAIN_MARGIN);
-    let drained = tokio::time::timeout(deadline, async {
+    let drained = tokio::time::timeout(DRAIN_BOUND, async {
         while connections.join_next().await.is_some() {}
     })
     .await;
     if drained.is_err() {
-        tracing::warn!(
-            "{} client connections were still busy {deadline:?} after shutdown began; closing them",
+        tracing::error!(
+            "{} client connections were still busy {DRAIN_BOUND:?} after shutdown began; \
+             closing them, and their requests' audit records may be missing",
             connections.len()
         );
         connections.abort_all();
         while connections.join_next().await.is_some() {}
     }
-    requests.close();
-    if tokio::time::timeout(REQUEST_BOUND, requests.wait())
-        .await
-        .is_err()
-    {
-        tracing::error!(
-            "{} requests still running {REQUEST_BOUND:?} after their connections closed; \
-             their audit records may be missing",
-            requests.len()
-        );
-    }
     Ok(())
 }
 
-/// A failsafe: no request outlives its connection's close by this much, since each of its
-/// steps has a deadline of its own (provider calls, the audit commit).
-const REQUEST_BOUND: Duration = Duration::from_secs(120);
-
-/// How long past the call timeout a shutting-down gateway waits for the requests it is handling:
-/// their audit commit and the answer's write.
-pub const DRAIN_MARGIN: Duration = Duration::from_secs(2);
+/// A failsafe on shutdown: no connection takes this long to finish its request and write the
+/// answer, since each step has a deadline of its own.
+const DRAIN_BOUND: Duration = Duration::from_secs(120);
 
 /// How long an answer may take to write. A client that has not taken it by then is stuck; its
 /// connection ends rather than hold the task and the answer (which may carry a value) for ever.
@@ -689,7 +671,6 @@ async fn connection(
     uid: u32,
     token: &Token,
     mut draining: tokio::sync::watch::Receiver<bool>,
-    requests: tokio_util::task::TaskTracker,
 ) -> std::io::Result<()> {
     let mut reader = FrameReader::new(read, HANDSHAKE_MAX_FRAME);
     let mut writer = FrameWriter::new(write, HANDSHAKE_MAJOR, Encoding::Json, HANDSHAKE_MAX_FRAME);
@@ -748,22 +729,9 @@ async fn connection(
                 return Ok(());
             }
         };
-        // On a task of its own: a shutdown that closes this connection does not cut a request
-        // between its provider call and its audit record.
-        let handling = requests.spawn({
-            let gateway = Arc::clone(&gateway);
-            async move { gateway.handle(&caller, request.op).await }
-        });
-        let result = match handling.await {
-            Ok(Ok(reply)) => ApiResult::Ok(reply),
-            Ok(Err(e)) => ApiResult::Err(e),
-            Err(e) => {
-                tracing::error!(uid, "a request's task failed: {e}");
-                ApiResult::Err(err(
-                    ErrorCode::Internal,
-                    "the request failed inside the gateway; its log says why",
-                ))
-            }
+        let result = match gateway.handle(&caller, request.op).await {
+            Ok(reply) => ApiResult::Ok(reply),
+            Err(e) => ApiResult::Err(e),
         };
         if let Err(e) = writer.queue(&ApiResponse {
             id: request.id,

@@ -12,7 +12,7 @@ use common::workspace_bin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyhole_gateway::api::{ApiOp, ApiReply};
+use keyhole_gateway::api::{ApiOp, ApiReply, ResolvedValue};
 use keyhole_gateway::audit::{AuditLog, VerifyReport};
 use keyhole_gateway::manager::{Launch, Manager, ProviderSpec};
 use keyhole_gateway::policy::{Caller, Policy};
@@ -71,6 +71,22 @@ fn put_in(name: &str, scope: Option<&str>, value: &[u8]) -> ApiOp {
     }
 }
 
+/// A resolve of `handle`, for `purpose`.
+fn resolve(handle: &str, purpose: &str) -> ApiOp {
+    ApiOp::Resolve {
+        handles: vec![handle.to_string()],
+        purpose: purpose.into(),
+    }
+}
+
+/// What the owner resolving `handle` for `purpose` gets.
+async fn resolved(gw: &Arc<Gateway>, handle: &str, purpose: &str) -> Vec<ResolvedValue> {
+    match gw.handle(&OWNER_CALLER, resolve(handle, purpose)).await {
+        Ok(ApiReply::Resolved { values }) => values,
+        other => panic!("resolve answered {other:?}"),
+    }
+}
+
 fn describe(handle: &str) -> ApiOp {
     ApiOp::Describe {
         handle: handle.to_string(),
@@ -103,12 +119,8 @@ async fn the_owner_may_and_a_stranger_may_not_and_both_are_audited() {
         "x [REDACTED] y"
     );
 
-    let resolve = |purpose: &str| ApiOp::Resolve {
-        handles: vec![handle.clone()],
-        purpose: purpose.into(),
-    };
     let denied = gw
-        .handle(&STRANGER, resolve("curiosity"))
+        .handle(&STRANGER, resolve(&handle, "curiosity"))
         .await
         .unwrap_err();
     assert_eq!(denied.code, ErrorCode::PermissionDenied);
@@ -117,7 +129,10 @@ async fn the_owner_may_and_a_stranger_may_not_and_both_are_audited() {
     assert_eq!(describe.code, ErrorCode::PermissionDenied);
 
     // Even the owner must say why.
-    let no_purpose = gw.handle(&OWNER_CALLER, resolve("  ")).await.unwrap_err();
+    let no_purpose = gw
+        .handle(&OWNER_CALLER, resolve(&handle, "  "))
+        .await
+        .unwrap_err();
     assert_eq!(no_purpose.code, ErrorCode::PermissionDenied);
     assert!(
         no_purpose.message.contains("purpose"),
@@ -125,10 +140,7 @@ async fn the_owner_may_and_a_stranger_may_not_and_both_are_audited() {
         no_purpose.message
     );
 
-    let ApiReply::Resolved { values } = gw.handle(&OWNER_CALLER, resolve("deploy")).await.unwrap()
-    else {
-        panic!("resolve answered something else");
-    };
+    let values = resolved(&gw, &handle, "deploy").await;
     assert_eq!(values[0].value.expose(), value);
 
     // The stranger's list shows nothing of the owner's.
@@ -200,13 +212,7 @@ async fn rotate_and_revoke_go_through_the_provider() {
     .await
     .unwrap();
     let err = gw
-        .handle(
-            &OWNER_CALLER,
-            ApiOp::Resolve {
-                handles: vec![handle.clone()],
-                purpose: "p".into(),
-            },
-        )
+        .handle(&OWNER_CALLER, resolve(&handle, "p"))
         .await
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::Revoked);
@@ -223,13 +229,11 @@ async fn rotate_and_revoke_go_through_the_provider() {
     else {
         panic!()
     };
-    let resolve = |h: &str| ApiOp::Resolve {
-        handles: vec![h.to_string()],
-        purpose: "p".into(),
-    };
-    gw.handle(&OWNER_CALLER, resolve(&again)).await.unwrap();
+    gw.handle(&OWNER_CALLER, resolve(&again, "p"))
+        .await
+        .unwrap();
     let err = gw
-        .handle(&OWNER_CALLER, resolve(&handle))
+        .handle(&OWNER_CALLER, resolve(&handle, "p"))
         .await
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::Revoked, "{}", err.message);
@@ -242,10 +246,7 @@ async fn rotate_and_revoke_go_through_the_provider() {
     )
     .await
     .unwrap();
-    let ApiReply::Resolved { values } = gw.handle(&OWNER_CALLER, resolve(&handle)).await.unwrap()
-    else {
-        panic!()
-    };
+    let values = resolved(&gw, &handle, "p").await;
     assert_eq!(values[0].value.expose(), b"fourth-value");
     let junk = gw
         .handle(&OWNER_CALLER, describe("../../etc"))
@@ -381,13 +382,7 @@ async fn put_cannot_write_over_a_secret_the_caller_could_not_rotate() {
         "{}",
         denied.message
     );
-    let resolve = ApiOp::Resolve {
-        handles: vec![prod],
-        purpose: "check".into(),
-    };
-    let ApiReply::Resolved { values } = gw.handle(&OWNER_CALLER, resolve).await.unwrap() else {
-        panic!("resolve answered something else");
-    };
+    let values = resolved(&gw, &prod, "check").await;
     assert_eq!(values[0].value.expose(), b"kh-canary-put-policy-80");
     // A name nobody has a handle to is the caller's to create.
     let fresh = put_in("ci/token", Some("ci/x"), b"kh-canary-put-policy-82");
@@ -483,19 +478,7 @@ async fn provider_text_that_carries_a_value_reaches_no_client() {
         Some("[REDACTED]")
     );
     replies.push(serde_json::to_string(&described).unwrap());
-    let ApiReply::Resolved { values } = gw
-        .handle(
-            &OWNER_CALLER,
-            ApiOp::Resolve {
-                handles: vec![handle.clone()],
-                purpose: "p".into(),
-            },
-        )
-        .await
-        .unwrap()
-    else {
-        panic!()
-    };
+    let values = resolved(&gw, &handle, "p").await;
     assert_eq!(values[0].value.expose(), second.as_bytes());
     assert_eq!(values[0].version, "[REDACTED]");
     for reply in &replies {
@@ -527,10 +510,7 @@ async fn a_client_that_stops_reading_is_dropped_after_the_write_timeout() {
     const ASKED: u64 = 200;
     let requests = tokio::spawn(async move {
         for id in 1..=ASKED {
-            let op = ApiOp::Resolve {
-                handles: vec![handle.clone()],
-                purpose: "p".into(),
-            };
+            let op = resolve(&handle, "p");
             writer.queue(&ApiRequest { id, op }).unwrap();
             if writer.flush().await.is_err() {
                 return;

@@ -282,10 +282,9 @@ impl DirSource {
 
     /// Reads `key` from the current generation: `Ok(None)` if it has no such key.
     pub fn read_key(&self, key: &str, limit: usize) -> Result<Option<Value>, ReadError> {
-        let root =
-            std::fs::canonicalize(&self.path).map_err(|e| ReadError::Dir(DirError::Io(e)))?;
+        let root = Root::open(&self.path).map_err(|e| ReadError::Dir(DirError::Io(e)))?;
         let result = self.consistent(
-            |base| Ok(read_in(&self.path, &root, base, key, limit)),
+            |base| Ok(root.read_in(base, key, limit)),
             // A successful read came from an immutable generation directory: it is consistent
             // whether or not `..data` has moved since.
             |r| r.as_ref().is_ok_and(Option::is_some),
@@ -299,7 +298,7 @@ impl DirSource {
 
     /// Every key of the current generation, with its version, all from one generation.
     pub fn scan(&self, limit: usize) -> Result<Scan, DirError> {
-        let root = std::fs::canonicalize(&self.path).map_err(DirError::Io)?;
+        let root = Root::open(&self.path).map_err(DirError::Io)?;
         self.consistent(
             |base| {
                 let mut scan = Scan::default();
@@ -325,7 +324,7 @@ impl DirSource {
                         ));
                         continue;
                     }
-                    let meta = match read_in(&self.path, &root, base, key, limit) {
+                    let meta = match root.read_in(base, key, limit) {
                         Ok(Some(v)) => Ok(KeyMeta {
                             key: key.to_string(),
                             version: version_of(&name, v.bytes.expose()),
@@ -357,106 +356,123 @@ fn is_generation(link: &Path) -> bool {
     )
 }
 
-/// Reads the key `key` of the directory `base` (`served` or a directory in it): `Ok(None)` if
-/// there is no such entry. The file read must lie inside `root` (`served`, canonical): a key
-/// that is a link to a file elsewhere is [`KeyError::Outside`].
-fn read_in(
-    served: &Path,
-    root: &Path,
-    base: &Path,
-    key: &str,
-    limit: usize,
-) -> Result<Option<Value>, KeyError> {
-    let path = base.join(OsStr::new(key));
-    match read_value(served, root, &path, limit) {
-        Ok(v) => Ok(Some(v)),
-        Err(KeyError::Io(e)) if e.kind() == io::ErrorKind::NotFound => {
-            if std::fs::symlink_metadata(&path).is_ok() {
-                Err(KeyError::Dangling)
-            } else {
-                Ok(None)
-            }
-        }
-        Err(e) => Err(e),
-    }
+/// A served directory, opened once per request: its keys are opened only beneath it.
+struct Root<'a> {
+    /// The directory as configured: every key's path starts with it.
+    served: &'a Path,
+    /// Its canonical path.
+    canonical: PathBuf,
+    /// The directory itself, which `openat2` resolves beneath.
+    #[cfg(target_os = "linux")]
+    dir: File,
 }
 
-/// Reads a whole regular file of at most `limit` bytes, inside `root`, into zeroizing memory.
-fn read_value(served: &Path, root: &Path, path: &Path, limit: usize) -> Result<Value, KeyError> {
-    let mut file = open_beneath(served, root, path)?;
-    let meta = file.metadata().map_err(KeyError::Io)?;
-    if meta.is_dir() {
-        return Err(KeyError::Directory);
+impl<'a> Root<'a> {
+    fn open(served: &'a Path) -> io::Result<Root<'a>> {
+        let canonical = std::fs::canonicalize(served)?;
+        Ok(Root {
+            served,
+            #[cfg(target_os = "linux")]
+            dir: File::open(&canonical)?,
+            canonical,
+        })
     }
-    if !meta.is_file() {
-        return Err(KeyError::NotAFile);
-    }
-    if meta.len() > limit as u64 {
-        return Err(KeyError::TooLarge(meta.len(), limit));
-    }
-    let mtime_ms = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let expected = usize::try_from(meta.len()).unwrap_or(limit);
-    let bytes = read_bounded(&mut file, expected, limit)?;
-    Ok(Value { bytes, mtime_ms })
-}
 
-/// Opens `path` (inside `served`, whose canonical path is `root`) for reading, never a file
-/// outside `root`: a link leading out is [`KeyError::Outside`].
-///
-/// On Linux 5.6 and later the kernel resolves the path beneath `root` in one step (`openat2`
-/// with `RESOLVE_BENEATH`): a path that stays inside is opened with no window for a link to be
-/// swapped in. The kernel refuses a path that would leave `root`, and also any absolute link,
-/// even one pointing inside; those (and kernels or seccomp filters without `openat2`) take the
-/// portable way: the path is resolved and must lie inside `root`, then opened without following
-/// a link in its last component. A directory swapped for a link between those two steps would
-/// lead out, so on Linux the file actually opened is checked once more, by its path in
-/// `/proc/self/fd`, before anything is read from it.
-fn open_beneath(served: &Path, root: &Path, path: &Path) -> Result<File, KeyError> {
-    #[cfg(target_os = "linux")]
-    if let Ok(relative) = path.strip_prefix(served) {
-        use rustix::fs::{Mode, OFlags, ResolveFlags};
-        use rustix::io::Errno;
-        let dir = File::open(root).map_err(KeyError::Io)?;
-        // NONBLOCK: opening a FIFO must not hang; it has no effect on regular files.
-        let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY;
-        let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
-        // EAGAIN: a rename raced the resolution, which the kernel refuses rather than risk it.
-        let mut tries = 0;
-        loop {
-            match rustix::fs::openat2(&dir, relative, flags, Mode::empty(), resolve) {
-                Ok(fd) => return Ok(File::from(fd)),
-                Err(Errno::AGAIN) if tries < 3 => tries += 1,
-                // Out of the directory, or an absolute link (perhaps to inside it); no openat2
-                // here (an old kernel, a seccomp filter); renames that kept racing: the portable
-                // way decides.
-                Err(Errno::XDEV | Errno::NOSYS | Errno::PERM | Errno::AGAIN) => break,
-                Err(e) => return Err(KeyError::Io(e.into())),
+    /// Reads the key `key` of the directory `base` (the served one or a directory in it):
+    /// `Ok(None)` if there is no such entry. A key that is a link to a file outside the served
+    /// directory is [`KeyError::Outside`].
+    fn read_in(&self, base: &Path, key: &str, limit: usize) -> Result<Option<Value>, KeyError> {
+        let path = base.join(OsStr::new(key));
+        match self.read_value(&path, limit) {
+            Ok(v) => Ok(Some(v)),
+            Err(KeyError::Io(e)) if e.kind() == io::ErrorKind::NotFound => {
+                if std::fs::symlink_metadata(&path).is_ok() {
+                    Err(KeyError::Dangling)
+                } else {
+                    Ok(None)
+                }
             }
+            Err(e) => Err(e),
         }
     }
-    let real = std::fs::canonicalize(path).map_err(KeyError::Io)?;
-    if !real.starts_with(root) {
-        return Err(KeyError::Outside);
+
+    /// Reads a whole regular file of at most `limit` bytes, inside the served directory, into
+    /// zeroizing memory.
+    fn read_value(&self, path: &Path, limit: usize) -> Result<Value, KeyError> {
+        let mut file = self.open_file(path)?;
+        let meta = file.metadata().map_err(KeyError::Io)?;
+        if meta.is_dir() {
+            return Err(KeyError::Directory);
+        }
+        if !meta.is_file() {
+            return Err(KeyError::NotAFile);
+        }
+        if meta.len() > limit as u64 {
+            return Err(KeyError::TooLarge(meta.len(), limit));
+        }
+        let mtime_ms = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let expected = usize::try_from(meta.len()).unwrap_or(limit);
+        let bytes = read_bounded(&mut file, expected, limit)?;
+        Ok(Value { bytes, mtime_ms })
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW | nix::libc::O_NOCTTY)
-        .open(&real)
-        .map_err(KeyError::Io)?;
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        let opened = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
-            .map_err(KeyError::Io)?;
-        if !opened.starts_with(root) {
+
+    /// Opens `path` (inside the served directory) for reading, never a file outside it: a link
+    /// leading out is [`KeyError::Outside`].
+    ///
+    /// On Linux 5.6 and later the kernel resolves the path beneath the directory in one step
+    /// (`openat2` with `RESOLVE_BENEATH`): a path that stays inside is opened with no window for
+    /// a link to be swapped in. The kernel refuses a path that would leave the directory, and
+    /// any absolute link, even one pointing inside; those (and kernels or seccomp filters
+    /// without `openat2`) take the portable way: the path is resolved and must lie inside, then
+    /// opened without following a link in its last component. A directory swapped for a link
+    /// between those two steps would lead out, so on Linux the file actually opened is checked
+    /// once more, by its path in `/proc/self/fd`, before anything is read from it.
+    fn open_file(&self, path: &Path) -> Result<File, KeyError> {
+        #[cfg(target_os = "linux")]
+        if let Ok(relative) = path.strip_prefix(self.served) {
+            use rustix::fs::{Mode, OFlags, ResolveFlags};
+            use rustix::io::Errno;
+            // NONBLOCK: opening a FIFO must not hang; it has no effect on regular files.
+            let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY;
+            let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
+            // EAGAIN: a rename raced the resolution, and the kernel refuses rather than risk it.
+            let mut tries = 0;
+            loop {
+                match rustix::fs::openat2(&self.dir, relative, flags, Mode::empty(), resolve) {
+                    Ok(fd) => return Ok(File::from(fd)),
+                    Err(Errno::AGAIN) if tries < 3 => tries += 1,
+                    // Out of the directory, or an absolute link (perhaps to inside it); no
+                    // openat2 here (an old kernel, a seccomp filter); renames that kept racing:
+                    // the portable way decides.
+                    Err(Errno::XDEV | Errno::NOSYS | Errno::PERM | Errno::AGAIN) => break,
+                    Err(e) => return Err(KeyError::Io(e.into())),
+                }
+            }
+        }
+        let real = std::fs::canonicalize(path).map_err(KeyError::Io)?;
+        if !real.starts_with(&self.canonical) {
             return Err(KeyError::Outside);
         }
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW | nix::libc::O_NOCTTY)
+            .open(&real)
+            .map_err(KeyError::Io)?;
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let opened = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+                .map_err(KeyError::Io)?;
+            if !opened.starts_with(&self.canonical) {
+                return Err(KeyError::Outside);
+            }
+        }
+        Ok(file)
     }
-    Ok(file)
 }
 
 /// Reads to the end, at most `limit` bytes, never leaving a copy behind in freed memory.

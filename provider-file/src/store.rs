@@ -463,10 +463,7 @@ impl Store {
     }
 
     fn current_dir(&self) -> PathBuf {
-        gen_dir(
-            &self.dir,
-            *self.generation.lock().unwrap_or_else(|p| p.into_inner()),
-        )
+        gen_dir(&self.dir, self.current_generation())
     }
 
     fn sync(&self) -> bool {
@@ -518,8 +515,7 @@ impl Store {
     /// exactly those. Costs one 8-byte pread and a hash lookup: no file is opened.
     #[allow(clippy::type_complexity)]
     fn cached(&self, name: &str) -> Result<(u64, u64, Option<std::sync::Arc<Record>>), StoreError> {
-        let count = read_counter(&self.counter)?;
-        let generation = *self.generation.lock().unwrap_or_else(|p| p.into_inner());
+        let (generation, count) = self.stamp()?;
         let hit = match self
             .cache
             .lock()
@@ -532,6 +528,17 @@ impl Store {
             _ => None,
         };
         Ok((count, generation, hit))
+    }
+
+    /// The generation this process reads and the store's write counter now: what every cache is
+    /// keyed on. The counter is read first, so a cache filled after it can only be stale early.
+    fn stamp(&self) -> Result<(u64, u64), StoreError> {
+        let count = read_counter(&self.counter)?;
+        Ok((self.current_generation(), count))
+    }
+
+    fn current_generation(&self) -> u64 {
+        *self.generation.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Re-reads the header; returns whether the generation moved (and this KEK still opens it).
@@ -554,7 +561,7 @@ impl Store {
         write_atomic(&self.current_dir(), &file, &record.encode()?, self.sync())?;
         // Before the write is acknowledged, every reader's cache must stop trusting it.
         let (before, after) = bump_counter(&self.counter)?;
-        let generation = *self.generation.lock().unwrap_or_else(|p| p.into_inner());
+        let generation = self.current_generation();
         let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
         // Writes are serialized by the store lock: an index current just before this one is
         // current after it once this record is in.
@@ -798,8 +805,7 @@ impl Store {
     /// late (as in [`Store::read_shared`]); a directory's mtime would miss a write made within
     /// its timestamp's granularity.
     fn names(&self) -> Result<BTreeMap<String, String>, StoreError> {
-        let counter = read_counter(&self.counter)?;
-        let generation = *self.generation.lock().unwrap_or_else(|p| p.into_inner());
+        let (generation, counter) = self.stamp()?;
         let dir = gen_dir(&self.dir, generation);
         let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(i) = index.as_ref()
@@ -809,17 +815,19 @@ impl Store {
             return Ok(i.names.clone());
         }
         let mut names = BTreeMap::new();
+        let cannot_list = |e| StoreError::io(format!("cannot list {}", dir.display()), e);
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
             // Another process rewrapped the store (and removed this generation): follow it.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 drop(index);
-                if self.follow_generation()? {
-                    return self.names();
-                }
-                return Err(StoreError::io(format!("cannot list {}", dir.display()), e));
+                return if self.follow_generation()? {
+                    self.names()
+                } else {
+                    Err(cannot_list(e))
+                };
             }
-            Err(e) => return Err(StoreError::io(format!("cannot list {}", dir.display()), e)),
+            Err(e) => return Err(cannot_list(e)),
         };
         for entry in entries.flatten() {
             let file = entry.file_name().to_string_lossy().into_owned();

@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use zeroize::Zeroize;
 
 use crate::frame::{Encoding, FrameHeader, HEADER_LEN, MAX_MAX_FRAME};
+use crate::secret::extend_wiping;
 
 /// A message could not be encoded within the peer's frame cap.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -92,21 +93,13 @@ fn bincode_decode<T: DeserializeOwned>(
     }
 }
 
-/// Appends to a `Vec`, and when it must grow, moves the bytes to a new allocation and wipes the
-/// old one: a plain `Vec` would free its old block with a copy of the frame (a value, in a
-/// Resolve answer) still in it.
+/// A `Write` over a `Vec` that grows it with [`extend_wiping`]: a plain `Vec` would free its old
+/// block with a copy of the frame (a value, in a Resolve answer) still in it.
 struct Wiping<'a>(&'a mut Vec<u8>);
 
 impl std::io::Write for Wiping<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let need = self.0.len().saturating_add(buf.len());
-        if need > self.0.capacity() {
-            let mut grown = Vec::with_capacity(need.max(self.0.capacity().saturating_mul(2)));
-            grown.extend_from_slice(self.0);
-            // Wipes the old block's whole capacity before it is freed.
-            std::mem::replace(self.0, grown).zeroize();
-        }
-        self.0.extend_from_slice(buf);
+        extend_wiping(self.0, buf);
         Ok(buf.len())
     }
 

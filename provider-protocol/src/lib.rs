@@ -40,7 +40,7 @@ pub use message::{
 };
 pub use name::{MAX_NAME_LEN, NameError, validate_name, validate_prefix};
 pub use schema::{schema, schema_string};
-pub use secret::{SecretBytes, Token};
+pub use secret::{SecretBytes, Token, extend_wiping};
 
 /// The protocol major this crate implements. It is an integer of its own, independent of any
 /// crate version: it changes only when an old peer could misread a new peer.

@@ -12,6 +12,20 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, Zeroizing};
 
+/// Appends `data` to `buf`. When `buf` must grow, its bytes move to a new allocation (at least
+/// twice the old one) and the old one is wiped before it is freed: a plain `Vec` would free its
+/// old block with a copy of the secret still in it.
+pub fn extend_wiping(buf: &mut Vec<u8>, data: &[u8]) {
+    let need = buf.len().saturating_add(data.len());
+    if need > buf.capacity() {
+        let mut grown = Vec::with_capacity(need.max(buf.capacity().saturating_mul(2)));
+        grown.extend_from_slice(buf);
+        // Wipes the old block's whole capacity before it is freed.
+        std::mem::replace(buf, grown).zeroize();
+    }
+    buf.extend_from_slice(data);
+}
+
 /// A secret value: arbitrary bytes, not necessarily UTF-8.
 ///
 /// JSON carries it as a standard base64 string with padding; bincode as a byte string. The bytes

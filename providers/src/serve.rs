@@ -267,10 +267,7 @@ impl<'a, P: Provider> Session<'a, P> {
                         Incoming::Closed => break ConnectionEnd::Closed,
                         Incoming::Fault(err) => {
                             tracing::warn!("protocol fault from the gateway: {}", err.message);
-                            let message = err.message.clone();
-                            let _ = writer.queue(&ProviderMessage::Abort(err));
-                            let _ = writer.shutdown_within(self.options.write_timeout).await;
-                            break ConnectionEnd::Fault(message);
+                            break abort(&mut writer, err, self.options.write_timeout).await;
                         }
                         Incoming::Request(req) => {
                             let id = req.id;
@@ -279,10 +276,7 @@ impl<'a, P: Provider> Session<'a, P> {
                                     ErrorCode::InvalidRequest,
                                     format!("request id {id} is already in flight"),
                                 );
-                                let message = err.message.clone();
-                                let _ = writer.queue(&ProviderMessage::Abort(err));
-                                let _ = writer.shutdown_within(self.options.write_timeout).await;
-                                break ConnectionEnd::Fault(message);
+                                break abort(&mut writer, err, self.options.write_timeout).await;
                             }
                             match req.op {
                                 Op::Cancel { id: target } => {
@@ -533,6 +527,18 @@ async fn perform<P: Provider>(provider: &P, op: Op) -> Result<Reply, ProviderErr
 }
 
 /// Queues the answer to `id`; an answer too large for the gateway's frame cap becomes `TooLarge`.
+/// Ends the connection over a protocol fault: tells the gateway why, then closes.
+async fn abort(
+    writer: &mut FrameWriter<BoxWrite>,
+    err: ProviderError,
+    write_timeout: Duration,
+) -> ConnectionEnd {
+    let message = err.message.clone();
+    let _ = writer.queue(&ProviderMessage::Abort(err));
+    let _ = writer.shutdown_within(write_timeout).await;
+    ConnectionEnd::Fault(message)
+}
+
 fn respond(writer: &mut FrameWriter<BoxWrite>, id: u64, outcome: Outcome) {
     let msg = ProviderMessage::Response(Response { id, outcome });
     match writer.queue(&msg) {

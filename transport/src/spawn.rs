@@ -93,7 +93,7 @@ pub enum SpawnError {
         source: std::io::Error,
     },
     /// The provider exited before it connected.
-    #[error("{program} exited ({status}) before connecting{}", stderr_suffix(.stderr))]
+    #[error("{program} exited ({status}) before connecting{}", output_suffix(.stderr))]
     ExitedEarly {
         /// The program.
         program: String,
@@ -103,7 +103,7 @@ pub enum SpawnError {
         stderr: String,
     },
     /// The provider did not connect in time.
-    #[error("{program} did not connect within {timeout:?}{}", stderr_suffix(.stderr))]
+    #[error("{program} did not connect within {timeout:?}{}", output_suffix(.stderr))]
     ConnectTimeout {
         /// The program.
         program: String,
@@ -113,7 +113,7 @@ pub enum SpawnError {
         stderr: String,
     },
     /// The handshake failed.
-    #[error("{program}: {source}{}", stderr_suffix(.stderr))]
+    #[error("{program}: {source}{}", output_suffix(.stderr))]
     Handshake {
         /// The program.
         program: String,
@@ -140,22 +140,42 @@ impl SpawnError {
     }
 }
 
-fn stderr_suffix(stderr: &str) -> String {
-    if stderr.trim().is_empty() {
+/// `; its output ends with:` and `tail`, or nothing if `tail` is blank: how an error quotes a
+/// provider's last words.
+pub fn output_suffix(tail: &str) -> String {
+    if tail.trim().is_empty() {
         String::new()
     } else {
-        format!("; its stderr ends with:\n{}", stderr.trim_end())
+        format!("; its output ends with:\n{}", tail.trim_end())
     }
 }
 
-/// A provider's captured stderr (and stdout, which providers must not use).
-#[derive(Clone, Default)]
-pub struct Captured(Arc<Mutex<Vec<u8>>>);
+/// A provider's captured stderr (and stdout, which providers must not use): the last bytes of
+/// it, at most 1 MiB unless made with [`Captured::keeping`].
+#[derive(Clone)]
+pub struct Captured {
+    buf: Arc<Mutex<Vec<u8>>>,
+    keep: usize,
+}
+
+impl Default for Captured {
+    fn default() -> Captured {
+        Captured::keeping(STDERR_KEEP)
+    }
+}
 
 impl Captured {
-    /// Everything captured so far (at most the last 1 MiB).
+    /// A capture that keeps the last `keep` bytes.
+    pub fn keeping(keep: usize) -> Captured {
+        Captured {
+            buf: Arc::default(),
+            keep,
+        }
+    }
+
+    /// Everything captured so far (at most the last `keep` bytes).
     pub fn bytes(&self) -> Vec<u8> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.buf.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The last `n` bytes as lossy UTF-8, for error messages.
@@ -165,11 +185,17 @@ impl Captured {
         String::from_utf8_lossy(&all[from..]).into_owned()
     }
 
-    fn append(&self, chunk: &[u8]) {
-        let mut buf = self.0.lock().unwrap_or_else(|p| p.into_inner());
+    /// [`output_suffix`] of the last `n` bytes.
+    pub fn suffix(&self, n: usize) -> String {
+        output_suffix(&self.tail(n))
+    }
+
+    /// Adds `chunk`, forgetting what falls out of the last `keep` bytes.
+    pub fn push(&self, chunk: &[u8]) {
+        let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
         buf.extend_from_slice(chunk);
-        if buf.len() > STDERR_KEEP {
-            let drop = buf.len() - STDERR_KEEP;
+        if buf.len() > self.keep {
+            let drop = buf.len() - self.keep;
             buf.drain(..drop);
         }
     }
@@ -312,7 +338,7 @@ async fn capture(
         if n == 0 {
             break;
         }
-        into.append(&buf[..n]);
+        into.push(&buf[..n]);
         if let Some(sink) = &sink {
             (sink.0)(&buf[..n]);
         }
